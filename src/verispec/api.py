@@ -1,0 +1,101 @@
+"""The Python API: `verispec.generate(target, prompt, drafter=..., gamma=..., sampling=...)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from verispec.cache import CachedLM
+from verispec.drafters import DRAFTERS
+from verispec.engine import decode
+from verispec.models.load import LoadedModel, check_compatible, load_model
+from verispec.policies import FixedGamma
+from verispec.policies.base import DraftPolicy
+from verispec.sampling import Sampling
+from verispec.types import GenerationStats
+from verispec.verifiers import RejectionVerifier
+
+METHODS = (*DRAFTERS, "beam")
+
+
+@dataclass
+class GenerationOutput:
+    text: str | None
+    token_ids: list[int]
+    prompt_ids: list[int]
+    stats: GenerationStats
+
+
+@dataclass
+class _Ctx:
+    """What a drafter factory may use to build its drafter."""
+
+    target: LoadedModel
+    drafter: LoadedModel | None
+    stop_ids: frozenset[int]
+    options: dict
+
+
+def encode_prompt(target: LoadedModel, prompt, max_positions: int | None = None) -> list[int]:
+    if isinstance(prompt, str):
+        if target.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass token ids or a model with a tokenizer")
+        ids = target.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    elif isinstance(prompt, torch.Tensor):
+        ids = prompt.reshape(-1).tolist()
+    else:
+        ids = [int(i) for i in prompt]
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token of text")
+    if any(i < 0 or i >= target.vocab_size for i in ids):
+        raise ValueError(f"prompt token ids must be in [0, {target.vocab_size})")
+    return ids
+
+
+def _check_length(target: LoadedModel, n_prompt: int, max_new_tokens: int) -> None:
+    limit = getattr(target.model.config, "max_position_embeddings", None)
+    if limit is not None and n_prompt + max_new_tokens > limit:
+        raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {limit} positions")
+
+
+def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: int = 4,
+             sampling: Sampling | None = None, max_new_tokens: int = 128, policy: DraftPolicy | None = None,
+             num_beams: int = 4, verifier=None, **options) -> GenerationOutput:
+    """Generate a continuation of `prompt` (text or token ids) with the target's exact distribution.
+
+    method: "ar" (autoregressive), "sd" (draft-model speculative sampling), "beam", or any registered drafter
+    name; default "sd" when a drafter model is given, else "ar". sampling: Sampling(temperature=0) is greedy.
+    """
+    sampling = sampling or Sampling()
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    method = method or ("sd" if drafter is not None else "ar")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    policy = policy or FixedGamma(gamma)
+    target = load_model(target)
+    prompt_ids = encode_prompt(target, prompt)
+    _check_length(target, len(prompt_ids), max_new_tokens)
+    generator = torch.Generator().manual_seed(sampling.seed)
+
+    if method == "beam":
+        from verispec.beam import beam_search
+
+        ids, stats = beam_search(target.model, prompt_ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                 stop_ids=target.stop_ids, **options)
+    else:
+        factory, needs_model = DRAFTERS[method]
+        draft_model = None
+        if needs_model:
+            if drafter is None:
+                raise ValueError(f"method {method!r} needs a drafter model (drafter=...)")
+            draft_model = load_model(drafter)
+            check_compatible(target, draft_model)
+        d = factory(_Ctx(target, draft_model, target.stop_ids, options))
+        ids, stats = decode(CachedLM(target.model), d, verifier or RejectionVerifier(), policy, prompt_ids,
+                            max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=target.stop_ids,
+                            method=method, generator=generator)
+    text = target.tokenizer.decode(ids, skip_special_tokens=True) if target.tokenizer is not None else None
+    return GenerationOutput(text, ids, prompt_ids, stats)

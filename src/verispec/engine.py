@@ -1,0 +1,63 @@
+"""The speculative decoding loop: propose -> score -> verify -> commit -> adapt -> record.
+
+One target forward per round scores the pending token plus the K drafts (positions are implicit in the cache
+length: the target cache holds every committed token except the last). Autoregressive decoding is the same loop
+with an empty draft, so every method's tokens are produced and counted by the same code.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from verispec.cache import CachedLM
+from verispec.drafters.base import Drafter
+from verispec.policies.base import DraftPolicy
+from verispec.sampling import Sampling
+from verispec.types import GenerationStats, StepStats
+
+
+def decode(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, prompt: list[int], *,
+           max_new_tokens: int, sampling: Sampling, stop_ids: frozenset[int], method: str,
+           generator: torch.Generator | None = None) -> tuple[list[int], GenerationStats]:
+    """Generate up to max_new_tokens after `prompt`; returns (new token ids, statistics)."""
+    stats = GenerationStats(method=method, prompt_tokens=len(prompt))
+    t_start = time.perf_counter()
+    tokens = list(prompt)
+    target.reset()
+    target.prefill(tokens[:-1])  # the last prompt token is fed with the first draft
+    drafter.prefill(tokens)
+    stats.t_prefill = time.perf_counter() - t_start
+    stop_reason = "max_new_tokens"
+    while len(tokens) - len(prompt) < max_new_tokens:
+        t0 = time.perf_counter()
+        budget = max_new_tokens - (len(tokens) - len(prompt))
+        draft = drafter.propose(tokens, min(policy.next_gamma(), budget - 1), policy, sampling, generator)
+        t1 = time.perf_counter()
+        p = sampling.probs(target.forward(tokens + draft.tokens, n_logits=len(draft) + 1))  # (K+1, V)
+        result = verifier.verify(draft, p, generator)
+        t2 = time.perf_counter()
+        new = result.emitted(draft)[:budget]
+        hit = next((i for i, t in enumerate(new) if t in stop_ids), None)
+        if hit is not None:
+            new = new[: hit + 1]
+        tokens.extend(new)
+        target.rollback(tokens)  # the target cache keeps only committed tokens
+        drafter.commit(tokens, draft, result)
+        policy.update(draft, result)
+        stats.steps.append(StepStats(len(draft), result.accepted, result.kind, len(new), t1 - t0, t2 - t1,
+                                     time.perf_counter() - t2, draft.source, policy.record()))
+        if hit is not None:
+            stop_reason = "stop_token"
+            break
+    stats.t_total = time.perf_counter() - t_start
+    stats.new_tokens = len(tokens) - len(prompt)
+    stats.target_prefill_forwards = 1 if len(prompt) > 1 else 0
+    stats.target_forwards = target.forwards - stats.target_prefill_forwards
+    stats.target_tokens_processed = target.tokens_processed
+    stats.drafter_forwards = drafter.forwards
+    stats.drafter_prefill_forwards = drafter.prefill_forwards
+    stats.drafter_tokens_processed = drafter.tokens_processed
+    stats.stop_reason = stop_reason
+    return tokens[len(prompt):], stats

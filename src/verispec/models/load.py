@@ -1,0 +1,109 @@
+"""Load a target or drafter: a registry name (pulled on first use), a local HF folder, or a built model object."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from verispec.models.errors import ModelNotFoundError, TokenizerMismatchError
+from verispec.models.registry import REGISTRY
+from verispec.models.store import check_converted, hf_dir, pull
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None = None
+    name: str = "model"
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the model's output distribution (rows of the output layer)."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _ids(x) -> set[int]:
+    if x is None:
+        return set()
+    if isinstance(x, int):
+        return {x}
+    return {int(i) for i in x}
+
+
+def stop_ids_of(model: torch.nn.Module, tokenizer=None, extra=()) -> frozenset[int]:
+    ids = set(extra) | _ids(getattr(model.config, "eos_token_id", None))
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        ids |= _ids(gc.eos_token_id)
+    if tokenizer is not None:
+        ids |= _ids(getattr(tokenizer, "eos_token_id", None))
+    return frozenset(ids)
+
+
+def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool = True) -> LoadedModel:
+    """source: LoadedModel | nn.Module | registry name | local folder with an HF causal LM."""
+    if isinstance(source, LoadedModel):
+        return source
+    if isinstance(source, torch.nn.Module):
+        source.eval()
+        return LoadedModel(source, tokenizer, type(source).__name__, stop_ids_of(source, tokenizer))
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"cannot load a model from {type(source).__name__}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(source)
+    extra: tuple[int, ...] = ()
+    if name in REGISTRY:
+        if auto_pull:
+            path = pull(name)
+        else:
+            check_converted(name)
+            path = hf_dir(name)
+        extra = REGISTRY[name].stop_ids
+    elif Path(name).is_dir():
+        path = Path(name)
+    else:
+        raise ModelNotFoundError(
+            f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY)}) and not a local folder")
+    print(f"[verispec] loading {name}", file=sys.stderr, flush=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"could not load a causal LM from {path}: {e}") from e
+    model.eval()
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError):
+            tokenizer = None
+    return LoadedModel(model, tokenizer, Path(name).name if name not in REGISTRY else name,
+                       stop_ids_of(model, tokenizer, extra))
+
+
+def check_compatible(target: LoadedModel, drafter: LoadedModel) -> None:
+    """Refuse a pair whose tokenizers map text to different ids: the drafter's proposals would be meaningless
+    to the target and its probabilities could not be compared token by token."""
+    tt, dt = target.tokenizer, drafter.tokenizer
+    if tt is not None and dt is not None:
+        tv, dv = tt.get_vocab(), dt.get_vocab()
+        if tv != dv:
+            only_t = len(tv.keys() - dv.keys())
+            only_d = len(dv.keys() - tv.keys())
+            moved = sum(1 for k in tv.keys() & dv.keys() if tv[k] != dv[k])
+            raise TokenizerMismatchError(
+                f"tokenizers of target {target.name!r} ({len(tv)} entries) and drafter {drafter.name!r} "
+                f"({len(dv)} entries) differ: {only_t} tokens only in the target, {only_d} only in the drafter, "
+                f"{moved} with different ids. Speculative decoding needs a drafter with the same vocabulary.")
+        return
+    if target.vocab_size != drafter.vocab_size:
+        raise TokenizerMismatchError(
+            f"target {target.name!r} has {target.vocab_size} output tokens and drafter {drafter.name!r} has "
+            f"{drafter.vocab_size}; without tokenizers to compare, the vocabularies must have the same size.")

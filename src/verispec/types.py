@@ -1,0 +1,157 @@
+"""Small dataclasses passed between the engine's stages (proposer -> scorer -> verifier -> commit).
+
+Vocabulary follows vLLM's spec_decode and ../shared/FACTS.md: *accepted* tokens are drafts kept, the
+*recovered* token is sampled from the residual at the first rejection, the *bonus* token is sampled from the
+target when every draft was accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Draft:
+    """What a drafter proposes for one verify round.
+
+    tokens: the K draft token ids, in order (K may be 0).
+    q: (K, V) the exact distributions each token was sampled from, after the same sampling transform as the
+       target; None for deterministic drafters, which the verifier treats as one-hot.
+    source: which drafter produced the tokens (for hybrid drafters' statistics).
+    """
+
+    tokens: list[int]
+    q: torch.Tensor | None = None  # (K, V)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of verifying one draft: `accepted` leading drafts kept, then one new target token."""
+
+    accepted: int
+    token: int
+    kind: str  # "recovered" (sampled from the residual) or "bonus" (all drafts accepted)
+
+    def emitted(self, draft: Draft) -> list[int]:
+        return draft.tokens[: self.accepted] + [self.token]
+
+
+@dataclass
+class StepStats:
+    """One engine step: one target forward over the pending token plus `drafted` drafts."""
+
+    drafted: int
+    accepted: int
+    kind: str
+    emitted: int  # tokens actually appended (can be fewer than accepted + 1 when EOS or the budget ends)
+    t_draft: float
+    t_verify: float
+    t_other: float
+    source: str = ""
+    extra: dict = field(default_factory=dict)  # policy-specific records (e.g. entropy)
+
+
+@dataclass
+class GenerationStats:
+    """Per-generation statistics; every number is derived from `steps` plus forward counters."""
+
+    method: str
+    steps: list[StepStats] = field(default_factory=list)
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0  # decode forwards (prefill excluded)
+    drafter_forwards: int = 0  # decode forwards of a draft model (prefill excluded)
+    target_prefill_forwards: int = 0
+    drafter_prefill_forwards: int = 0
+    target_tokens_processed: int = 0  # tokens fed to the target, prefill included (for FLOPs estimates)
+    drafter_tokens_processed: int = 0
+    t_prefill: float = 0.0
+    t_total: float = 0.0
+    stop_reason: str = ""
+    extra: dict = field(default_factory=dict)  # method-specific results (e.g. a beam's score)
+
+    @property
+    def drafted(self) -> int:
+        return sum(s.drafted for s in self.steps)
+
+    @property
+    def accepted(self) -> int:
+        return sum(s.accepted for s in self.steps)
+
+    @property
+    def recovered(self) -> int:
+        return sum(s.kind == "recovered" for s in self.steps)
+
+    @property
+    def bonus(self) -> int:
+        return sum(s.kind == "bonus" for s in self.steps)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """α̂ = accepted / drafted (None when nothing was drafted)."""
+        d = self.drafted
+        return self.accepted / d if d else None
+
+    @property
+    def mat(self) -> float | None:
+        """Mean accepted tokens per target forward = (accepted + recovered + bonus) / target forwards."""
+        n = len(self.steps)
+        return (self.accepted + self.recovered + self.bonus) / n if n else None
+
+    def acceptance_by_position(self) -> list[tuple[int, int]]:
+        """[(drafted at position i, accepted at position i)] for i = 0 .. max draft length - 1."""
+        width = max((s.drafted for s in self.steps), default=0)
+        out = [[0, 0] for _ in range(width)]
+        for s in self.steps:
+            for i in range(s.drafted):
+                out[i][0] += 1
+                out[i][1] += i < s.accepted
+        return [tuple(x) for x in out]
+
+    @property
+    def t_draft(self) -> float:
+        return sum(s.t_draft for s in self.steps)
+
+    @property
+    def t_verify(self) -> float:
+        return sum(s.t_verify for s in self.steps)
+
+    @property
+    def t_other(self) -> float:
+        return sum(s.t_other for s in self.steps)
+
+    def summary(self) -> dict:
+        by_pos = self.acceptance_by_position()
+        return {
+            "method": self.method,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "steps": len(self.steps),
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "recovered": self.recovered,
+            "bonus": self.bonus,
+            "acceptance_rate": self.acceptance_rate,
+            "mat": self.mat,
+            "acceptance_by_position": [a / d if d else None for d, a in by_pos],
+            "target_forwards": self.target_forwards,
+            "drafter_forwards": self.drafter_forwards,
+            "target_prefill_forwards": self.target_prefill_forwards,
+            "drafter_prefill_forwards": self.drafter_prefill_forwards,
+            "target_tokens_processed": self.target_tokens_processed,
+            "drafter_tokens_processed": self.drafter_tokens_processed,
+            "t_prefill": self.t_prefill,
+            "t_draft": self.t_draft,
+            "t_verify": self.t_verify,
+            "t_other": self.t_other,
+            "t_total": self.t_total,
+            "tokens_per_s": self.new_tokens / self.t_total if self.t_total else None,
+            "stop_reason": self.stop_reason,
+            **self.extra,
+        }
