@@ -14,6 +14,12 @@ import torch
 from transformers import DynamicCache
 
 
+def output_width(model: torch.nn.Module) -> int:
+    """Rows of the output layer (any module with `out_features`, e.g. nn.Linear or a backend's packed linear)."""
+    head = model.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
 class CachedLM:
     """One HF causal LM, batch size 1, plus a DynamicCache and forward/token counters."""
 
@@ -22,7 +28,7 @@ class CachedLM:
         self.device = next(model.parameters()).device
         # Width of the distributions handed to the verifier: logits are padded (-inf) or cut to it, so a drafter
         # whose embedding table is padded differently from the target's still speaks the target's vocabulary.
-        self.vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = vocab_size or output_width(model)
         self.cache: DynamicCache | None = None
         self.ids: list[int] = []
         self.forwards = 0

@@ -23,7 +23,9 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         """Width of the model's output distribution (rows of the output layer)."""
-        return self.model.get_output_embeddings().weight.shape[0]
+        from verispec.cache import output_width
+
+        return output_width(self.model)
 
     @property
     def num_parameters(self) -> int:
