@@ -1,4 +1,4 @@
-"""The small benchmark runner: same prompts and counting for every method, ratios against AR, a report."""
+"""Benchmark harness: metric arithmetic, token-counting parity, report rendering from saved rows."""
 
 from __future__ import annotations
 
@@ -8,10 +8,64 @@ import json
 import pytest
 import torch
 
-from verispec.bench.datasets import humaneval, load_prompts
+from verispec.bench.costmodel import expected_tokens, optimal_gamma, predict, speedup, verify_ratio
+from verispec.bench.datasets import DATASETS, humaneval, load_prompts
+from verispec.bench.methods import parse_methods
+from verispec.bench.metrics import aggregate
+from verispec.bench.report import render
 from verispec.bench.runner import run_bench
 from verispec.cli import main
 from tests.conftest import tiny_llama, word_tokenizer
+
+
+def row(pid, method, t, steps=None, tokens=None, repeat=0, ids=None):
+    d, a = (list(x) for x in zip(*steps)) if steps else ([], [])
+    n = tokens if tokens is not None else sum(a) + len(d)
+    return {"prompt_id": pid, "category": "c", "method": method, "repeat": repeat, "new_tokens": n, "t_total": t,
+            "token_ids": ids or list(range(n)), "target_tokens_processed": 10 + n, "drafter_tokens_processed": 0,
+            "target_forwards": len(d), "drafter_forwards": sum(d), "t_draft": 0.0, "t_verify": 0.0,
+            "t_other": 0.0, "t_prefill": 0.0,
+            "steps": {"d": d, "a": a, "k": "".join("b" if x == y else "r" for x, y in zip(d, a))} if steps else None}
+
+
+def test_metric_arithmetic_on_hand_computed_step_logs():
+    # Two prompts. Step logs (drafted, accepted): p1: (4,4) (4,1) (4,0); p2: (2,2) (4,3).
+    sd = [row("p1", "sd", 2.0, [(4, 4), (4, 1), (4, 0)]), row("p2", "sd", 1.0, [(2, 2), (4, 3)])]
+    ar = [row("p1", "ar", 4.0, tokens=8), row("p2", "ar", 4.0, tokens=7)]
+    m = aggregate(sd, ar)
+    assert m["drafted"] == 18 and m["accepted"] == 10
+    assert m["acceptance_rate"] == pytest.approx(10 / 18)
+    assert m["mat"] == pytest.approx((10 + 5) / 5)  # every step adds one recovered or bonus token
+    assert m["new_tokens"] == 15
+    assert m["mean_gamma"] == pytest.approx(18 / 5)
+    # position 1: drafted in 5 steps, accepted in 4 (all but (4,0)); position 3: drafted 4, accepted 2 ((4,4),(4,3))
+    assert m["acceptance_by_position"] == pytest.approx([4 / 5, 3 / 5, 2 / 4, 1 / 4])
+    assert m["gamma_histogram"] == {"2": 1, "4": 4}
+    assert m["speedup"] == pytest.approx(8.0 / 3.0)
+    assert m["speedup_spread"]["of"] == "prompts"
+    assert (m["speedup_spread"]["min"], m["speedup_spread"]["max"]) == (2.0, 4.0)
+    assert aggregate(ar, ar)["mat"] is None and aggregate(ar, ar)["speedup"] == 1.0
+
+
+def test_spread_over_repeats():
+    ar = [row("p", "ar", 2.0, tokens=4, repeat=r) for r in range(3)]
+    sd = [row("p", "sd", t, [(3, 3)], repeat=r) for r, t in enumerate([1.0, 2.0, 4.0])]
+    s = aggregate(sd, ar)["speedup_spread"]
+    assert s["of"] == "repeats" and (s["min"], s["median"], s["max"]) == (0.5, 1.0, 2.0)
+
+
+def test_cost_model_theory():
+    assert expected_tokens(0.0, 4) == 1 and expected_tokens(1.0, 4) == 5
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert speedup(0.5, 2, 0.0) == pytest.approx(1.75)
+    assert speedup(0.5, 2, 0.1, {1: 100.0, 3: 200.0}) == pytest.approx(1.75 / (0.2 + 2.0))
+    assert verify_ratio({1: 100.0, 2: 150.0, 4: 250.0}, 3) == pytest.approx(2.0)
+    g, s = optimal_gamma(0.8, 0.05)
+    assert g == 8 and s == pytest.approx(expected_tokens(0.8, 8) / 1.4)
+    p = predict({"acceptance_rate": 0.5, "mean_gamma": 2, "drafted": 10, "t_draft": 0.5}, 100.0,
+                {1: 100.0, 3: 200.0}, 0.25)
+    assert p["c_measured"] == pytest.approx(0.5)
+    assert p["predicted"] == pytest.approx(1.75 / (1.0 + 2.0)) and p["projected"] == pytest.approx(1.75 / 1.5)
 
 
 @pytest.fixture
@@ -25,41 +79,88 @@ def folders(tmp_path):
         m.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     data = tmp_path / "p.jsonl"
-    data.write_text("\n".join(json.dumps({"id": i, "prompt": " ".join(f"w{(i * 7 + j) % 60}" for j in range(6))})
-                              for i in range(4)))
+    data.write_text("\n".join(json.dumps({"id": i, "prompt": " ".join(f"w{(i * 7 + j) % 60}" for j in range(6)),
+                                          "category": "ab"[i % 2], "reference": "w1 w2"}) for i in range(4)))
     return tmp_path
 
 
-def test_bench_counts_every_method_the_same_way_and_reports(folders):
+def test_bench_counts_every_method_the_same_way_and_renders_from_rows(folders):
     out = folders / "run"
-    s = run_bench(str(folders / "t"), str(folders / "d"), ["sd"], str(folders / "p.jsonl"), num_prompts=3,
-                  max_new_tokens=12, gamma=3, out_dir=out, progress=False)
+    s = run_bench(str(folders / "t"), str(folders / "d"), "sd,sd:gamma=2,hf-ar,hf-assisted",
+                  str(folders / "p.jsonl"), num_prompts=None, max_new_tokens=12, gamma=3, out_dir=out,
+                  cost_model=False, progress=False)
     rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and {r["method"] for r in rows} == {"ar", "sd"}
+    assert len(rows) == 4 * 5
     for pid in {r["prompt_id"] for r in rows}:
-        ar, sd = (next(r for r in rows if r["prompt_id"] == pid and r["method"] == m) for m in ("ar", "sd"))
-        assert ar["new_tokens"] == sd["new_tokens"] == len(sd["token_ids"]) == 12
-        assert sd["exact_match_ar"] and ar["mat"] == 1.0
-    m = s["methods"]
-    assert m["ar"]["speedup"] == pytest.approx(1.0)
-    assert m["sd"]["speedup"] == pytest.approx(m["ar"]["wall_s"] / m["sd"]["wall_s"])
-    assert m["sd"]["exact_match_ar"] == 1.0 and 0 < m["sd"]["acceptance_rate"] < 1
+        mine = [r for r in rows if r["prompt_id"] == pid]
+        ref = next(r for r in mine if r["method"] == "ar")["token_ids"]
+        for r in mine:  # greedy: every method, ours and HF's, produces the same ids, counted the same way
+            assert r["new_tokens"] == len(r["token_ids"]) == 12 and r["token_ids"] == ref, r["method"]
+    overall = s["groups"]["overall"]
+    assert set(s["groups"]) == {"overall", "a", "b"}
+    assert overall["ar"]["speedup"] == pytest.approx(1.0) and overall["ar"]["mat"] == 1.0
+    assert overall["sd"]["speedup"] == pytest.approx(overall["ar"]["wall_s"] / overall["sd"]["wall_s"])
+    assert overall["sd:gamma=2"]["mean_gamma"] <= 2 < overall["sd"]["mean_gamma"]
+    assert overall["hf-assisted"]["peer"] and overall["hf-assisted"]["mat"] is None
+    assert all(r["exact_match_ar"] == 1.0 for r in overall.values()) and s["lossless_violations"] == {}
+    assert overall["sd"]["bleu"] is not None
     report = (out / "report.md").read_text()
-    assert "| sd |" in report and "speedup" in report and "WARNING" not in report
-    assert json.loads((out / "summary.json").read_text())["config"]["max_new_tokens"] == 12
+    assert "## Category: a" in report and "hf-assisted (HF peer)" in report and "WARNING" not in report
+    assert (out / "plots" / "speedup.png").stat().st_size > 1000
+
+    # Re-render from the saved rows alone; a tampered row is flagged loudly as a lossless violation.
+    lines = (out / "prompts.jsonl").read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["token_ids"] = bad["token_ids"][:-1] + [(bad["token_ids"][-1] + 1) % 64]
+    lines[1] = json.dumps(bad)
+    (out / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    s2 = render(out)
+    assert bad["method"] in s2["lossless_violations"] and "WARNING" in (out / "report.md").read_text()
 
 
-def test_cli_bench_exit_code(folders, capsys):
+def test_resume_skips_finished_rows(folders):
+    out = folders / "resume"
+    args = dict(target=str(folders / "t"), drafter=str(folders / "d"), methods="sd", dataset=str(folders / "p.jsonl"),
+                num_prompts=2, max_new_tokens=5, out_dir=out, cost_model=False, progress=False, warmup=False)
+    run_bench(**args)
+    lines = (out / "prompts.jsonl").read_text().splitlines()
+    (out / "prompts.jsonl").write_text("\n".join(lines[:2]) + "\n")  # as if interrupted after two rows
+    run_bench(**args, resume=True)
+    after = (out / "prompts.jsonl").read_text().splitlines()
+    assert after[:2] == lines[:2] and len(after) == 4
+    with pytest.raises(ValueError, match="different configuration"):
+        run_bench(**{**args, "max_new_tokens": 6}, resume=True)
+
+
+def test_cli_bench_report_theory(folders, capsys):
     assert main(["bench", "--target", str(folders / "t"), "--drafter", str(folders / "d"), "--dataset",
-                 str(folders / "p.jsonl"), "--num-prompts", "2", "--max-new-tokens", "4",
+                 str(folders / "p.jsonl"), "--num-prompts", "1", "--max-new-tokens", "4", "--no-cost-model",
                  "--out", str(folders / "cli")]) == 0
     assert "exact match" in capsys.readouterr().out
+    assert main(["report", str(folders / "cli")]) == 0
+    assert main(["theory", "--alpha", "0.8", "--c", "0.05"]) == 0
+    assert "optimal γ = 8" in capsys.readouterr().out
+    assert main(["bench", "--methods", "nope"]) == 2
+    assert main(["report", str(folders)]) == 2
 
 
-def test_prompt_selection_is_seeded_and_humaneval_is_complete():
-    assert len(humaneval()) == 164
+def test_datasets_are_seeded_offline_and_categorised():
+    assert len(humaneval()) == 164 and humaneval()[0].reference
     a = [p.id for p in load_prompts("humaneval", 10, seed=0)]
     assert a == [p.id for p in load_prompts("humaneval", 10, seed=0)]
     assert a != [p.id for p in load_prompts("humaneval", 10, seed=1)]
+    cats = {p.category for p in load_prompts("all", 3)}
+    assert cats == {"code", "nl-continuation", "summarization", "code-edit"}
+    for name in DATASETS:
+        assert len(DATASETS[name]()) >= 20, name
     with pytest.raises(ValueError, match="unknown dataset"):
         load_prompts("nope")
+
+
+def test_method_specs():
+    specs = parse_methods("ar,sd:gamma=6:x=0.5,hf-pld")
+    assert [s.label for s in specs] == ["ar", "sd:gamma=6:x=0.5", "hf-pld"]
+    assert specs[1].params == {"gamma": 6, "x": 0.5} and specs[1].needs_drafter and specs[2].peer
+    for bad in ("nope", "sd:gamma", "ar,ar"):
+        with pytest.raises(ValueError):
+            parse_methods(bad)

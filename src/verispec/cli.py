@@ -18,7 +18,9 @@ GENERATE_EXAMPLES = """examples:
 BENCH_EXAMPLES = """examples:
   verispec bench --target qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b --methods ar,sd \\
       --dataset humaneval --num-prompts 10 --max-new-tokens 128
+  verispec bench --methods ar,sd,hf-assisted,hf-pld --dataset humaneval,nl,code-edit --num-prompts 5
   verispec bench --target ./target --drafter ./drafter --dataset prompts.jsonl --out runs/mine
+  verispec report runs/bench      # re-render from prompts.jsonl without running models
 """
 
 
@@ -97,16 +99,38 @@ def cmd_generate(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from verispec.bench.runner import run_bench
-
-    summary = run_bench(a.target, a.drafter, [m for m in a.methods.split(",") if m], a.dataset, a.num_prompts,
-                        a.max_new_tokens, a.gamma, _sampling(a), a.out, seed=a.seed)
     from pathlib import Path
 
+    from verispec.bench.runner import run_bench
+
+    summary = run_bench(a.target, a.drafter, a.methods, a.dataset, a.num_prompts, a.max_new_tokens, a.gamma,
+                        _sampling(a), a.out, seed=a.seed, warmup=not a.no_warmup, repeats=a.repeats,
+                        cost_model=not a.no_cost_model, resume=a.resume, backend=a.backend)
     print((Path(a.out) / "report.md").read_text())
-    print(f"written: {a.out}/report.md, summary.json, prompts.jsonl")
-    bad = [m for m, r in summary["methods"].items() if a.temperature == 0 and r["exact_match_ar"] < 1]
-    return 3 if bad else 0
+    print(f"written: {a.out}/report.md, summary.json, prompts.jsonl, plots/")
+    return 3 if summary["lossless_violations"] else 0
+
+
+def cmd_report(a) -> int:
+    from pathlib import Path
+
+    from verispec.bench.report import render
+
+    render(a.dir)
+    print((Path(a.dir) / "report.md").read_text())
+    return 0
+
+
+def cmd_theory(a) -> int:
+    from verispec.bench.costmodel import theory_table
+
+    curve = None
+    if a.verify_cost:
+        curve = {int(k): float(v) for k, v in (kv.split(":") for kv in a.verify_cost.split(","))}
+        if 1 not in curve:
+            raise ValueError("--verify-cost needs k=1, e.g. 1:451,2:898,5:1349")
+    print(theory_table(a.alpha, a.c, curve, a.gamma_max))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,14 +162,35 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--target", default="qwen2.5-coder-1.5b")
     b.add_argument("--drafter", default="qwen2.5-coder-0.5b")
-    b.add_argument("--methods", default="ar,sd", help="comma-separated (ar is always included)")
+    b.add_argument("--methods", default="ar,sd",
+                   help="comma-separated; parameters after colons, e.g. ar,sd,sd:gamma=8,hf-assisted,hf-pld "
+                        "(ar is always included)")
     b.add_argument("--dataset", default="humaneval", help="humaneval or a .jsonl file of {'prompt': ...}")
-    b.add_argument("--num-prompts", type=int, default=3)
+    b.add_argument("--num-prompts", type=int, default=3, help="per dataset (seeded random subset)")
     b.add_argument("--max-new-tokens", type=int, default=64)
-    b.add_argument("--gamma", type=int, default=4)
+    b.add_argument("--gamma", type=int, default=4, help="default γ for methods that draft (sd:gamma=6 overrides)")
+    b.add_argument("--repeats", type=int, default=1, help="time the whole prompt set this many times")
+    b.add_argument("--backend", default="torch", help="torch (default) or fast (CPU packed linears)")
     b.add_argument("--out", default="runs/bench")
+    b.add_argument("--resume", action="store_true", help="keep finished rows of the same configuration in --out")
+    b.add_argument("--no-warmup", action="store_true")
+    b.add_argument("--no-cost-model", action="store_true", help="skip measuring the T(k) curve")
     _add_sampling(b)
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="re-render a bench directory from its prompts.jsonl (no models needed)")
+    r.add_argument("dir")
+    r.set_defaults(func=cmd_report)
+
+    t = sub.add_parser("theory", help="expected speedup and optimal γ from α and draft cost c",
+                       epilog="example: verispec theory --alpha 0.8 --c 0.05\n"
+                              "         verispec theory --alpha 0.8 --c 0.37 --verify-cost 1:451,2:898,5:1349,16:1511",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--alpha", type=float, required=True, help="acceptance rate in [0, 1]")
+    t.add_argument("--c", type=float, required=True, help="draft step cost / target step cost")
+    t.add_argument("--gamma-max", type=int, default=16)
+    t.add_argument("--verify-cost", help="measured k:T(k) pairs (else verification is free)")
+    t.set_defaults(func=cmd_theory)
     return p
 
 

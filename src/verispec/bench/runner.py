@@ -1,15 +1,18 @@
 """`verispec bench`: time methods on the same prompts in the same run and report ratios against AR.
 
-Every method is produced by the same engine and counted the same way (new token ids, never re-tokenised text).
-Before timing, one warm-up generation per method; then, for each prompt, the methods run in an order that
-rotates from prompt to prompt so that drift in machine speed does not favour one method.
+Honesty rules (DEVELOPERS.md rule 2): every method gets the same prompt ids, the same max_new_tokens and the same
+token count (new ids up to and including the first stop token); one warm-up generation per method before any
+timing; the method order rotates from prompt to prompt and repeat to repeat, so slow drift of the machine does not
+favour one method; spreads are reported next to every ratio. Rows are appended to prompts.jsonl as they finish,
+so an interrupted run can be resumed (`--resume`) and any run re-rendered (`verispec report DIR`) without
+re-running models.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
-import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,117 +20,146 @@ from pathlib import Path
 import torch
 
 import verispec
-from verispec.bench.datasets import load_prompts
+from verispec.bench.datasets import Prompt, load_prompts
+from verispec.bench.methods import MethodSpec, parse_methods, run_method
+from verispec.bench.metrics import steps_log
 from verispec.models import LoadedModel, check_compatible, load_model
 from verispec.sampling import Sampling
 
+CONFIG, ROWS, COST = "config.json", "prompts.jsonl", "cost.json"
 
-def run_bench(target: str, drafter: str | None, methods: list[str], dataset: str = "humaneval",
-              num_prompts: int = 5, max_new_tokens: int = 64, gamma: int = 4, sampling: Sampling | None = None,
-              out_dir: str | Path = "runs/bench", seed: int = 0, warmup: bool = True, progress: bool = True) -> dict:
+
+def encode(model: LoadedModel, p: Prompt) -> list[int]:
+    tok = model.tokenizer
+    if p.chat and tok is not None and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False,
+                                       add_generation_prompt=True)
+    else:
+        text = p.text
+    return verispec.api.encode_prompt(model, text)
+
+
+def environment() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "verispec": verispec.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_name(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def loglik(model: LoadedModel, prompt_ids: list[int], ids: list[int]) -> float | None:
+    """Mean log-probability per generated token under the target (untimed)."""
+    if not ids:
+        return None
+    with torch.inference_mode():
+        logits = model.model(torch.tensor([prompt_ids + ids]), logits_to_keep=len(ids) + 1).logits[0, :-1]
+        logp = torch.log_softmax(logits.float(), -1)  # (n, V)
+        return float(logp[torch.arange(len(ids)), torch.tensor(ids)].mean())
+
+
+def bleu(hyp: str, ref: str) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.sentence_bleu(hyp, [ref]).score)
+
+
+def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec], dataset: str = "humaneval",
+              num_prompts: int | None = 5, max_new_tokens: int = 64, gamma: int = 4,
+              sampling: Sampling | None = None, out_dir: str | Path = "runs/bench", seed: int = 0,
+              warmup: bool = True, repeats: int = 1, cost_model: bool = True, resume: bool = False,
+              backend: str | None = None, progress: bool = True) -> dict:
+    from verispec.bench.report import render
+
     sampling = sampling or Sampling()
-    if "ar" not in methods:
-        methods = ["ar", *methods]  # every ratio is against AR from the same run
+    specs = parse_methods(methods) if isinstance(methods, str) else list(methods)
+    if "ar" not in [s.label for s in specs]:
+        specs = [MethodSpec("ar", "ar"), *specs]  # every ratio is against AR from the same run
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if any(s.needs_drafter for s in specs) and not drafter:
+        raise ValueError(f"methods {[s.label for s in specs if s.needs_drafter]} need --drafter")
     prompts = load_prompts(dataset, num_prompts, seed)
+    config = {"target": target, "drafter": drafter, "methods": [s.label for s in specs], "dataset": dataset,
+              "num_prompts": len(prompts), "prompt_ids": [p.id for p in prompts], "max_new_tokens": max_new_tokens,
+              "gamma": gamma, "sampling": asdict(sampling), "seed": seed, "warmup": warmup, "repeats": repeats,
+              "backend": backend or "torch"}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done: set[tuple] = set()
+    if resume and (out / CONFIG).is_file():
+        old = json.loads((out / CONFIG).read_text())
+        if {k: v for k, v in old.items() if k != "environment"} != config:
+            raise ValueError(f"--resume: {out / CONFIG} was written for a different configuration")
+        if (out / ROWS).is_file():
+            done = {(r["prompt_id"], r["method"], r["repeat"]) for r in map(json.loads, open(out / ROWS))}
+    else:
+        for f in (ROWS, COST, "summary.json", "report.md"):
+            (out / f).unlink(missing_ok=True)
+    (out / CONFIG).write_text(json.dumps({**config, "environment": environment()}, indent=1))
+
     tgt = load_model(target)
     drf: LoadedModel | None = load_model(drafter) if drafter else None
     if drf is not None:
         check_compatible(tgt, drf)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "prompts.jsonl"
-    rows_path.unlink(missing_ok=True)
+    if backend and backend != "torch":
+        from verispec.backends import apply_backend
 
-    def one(method: str, text: str):
-        return verispec.generate(tgt, text, drafter=drf if method != "ar" else None, method=method, gamma=gamma,
-                                 sampling=sampling, max_new_tokens=max_new_tokens)
+        for m in (tgt, drf):
+            if m is not None:
+                apply_backend(m.model, backend)
+    encoded = [encode(tgt, p) for p in prompts]
 
     if warmup:
-        for m in methods:
-            one(m, prompts[0].text[:200])
+        for s in specs:
+            run_method(s, tgt, drf, encoded[0], min(16, max_new_tokens), sampling, gamma)
     from tqdm import tqdm
 
-    rows = []
-    bar = tqdm(total=len(prompts) * len(methods), disable=not progress, desc="bench", unit="gen")
-    for i, pr in enumerate(prompts):
-        order = methods[i % len(methods):] + methods[: i % len(methods)]
-        res = {}
-        for m in order:
-            res[m] = one(m, pr.text)
-            bar.update(1)
-        ref = res["ar"].token_ids
-        for m in methods:
-            s = res[m].stats.summary()
-            row = {"prompt_id": pr.id, "category": pr.category, "method": m, **s,
-                   "exact_match_ar": res[m].token_ids == ref, "token_ids": res[m].token_ids}
-            rows.append(row)
-            with open(rows_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    todo = [(r, i, s) for r in range(repeats) for i in range(len(prompts))
+            for s in _rotate(specs, r * len(prompts) + i)]
+    bar = tqdm(total=len(todo), disable=not progress, desc="bench", unit="gen")
+    for rep, i, spec in todo:
+        bar.update(1)
+        p = prompts[i]
+        if (p.id, spec.label, rep) in done:
+            continue
+        ids, stats = run_method(spec, tgt, drf, encoded[i], max_new_tokens, sampling, gamma)
+        row = {"prompt_id": p.id, "category": p.category, "method": spec.label, "repeat": rep, "peer": spec.peer,
+               "prompt_tokens": len(encoded[i]), "new_tokens": len(ids), "token_ids": ids,
+               "t_total": stats.t_total, "t_prefill": stats.t_prefill, "t_draft": stats.t_draft,
+               "t_verify": stats.t_verify, "t_other": stats.t_other,
+               "target_forwards": None if spec.peer else stats.target_forwards,
+               "drafter_forwards": None if spec.peer else stats.drafter_forwards,
+               "target_tokens_processed": stats.target_tokens_processed if not spec.peer else
+               len(encoded[i]) + len(ids),  # a lower bound for peers: HF does not report its forwards
+               "drafter_tokens_processed": stats.drafter_tokens_processed,
+               "stop_reason": stats.stop_reason, "steps": None if spec.peer else steps_log(stats)}
+        if not sampling.greedy:
+            row["loglik"] = loglik(tgt, encoded[i], ids)
+        if p.reference is not None and tgt.tokenizer is not None:
+            row["bleu"] = bleu(tgt.tokenizer.decode(ids, skip_special_tokens=True), p.reference)
+        with open(out / ROWS, "a") as f:
+            f.write(json.dumps(row) + "\n")
     bar.close()
-    summary = summarize(rows, methods)
-    summary["config"] = {"target": target, "drafter": drafter, "methods": methods, "dataset": dataset,
-                         "num_prompts": len(prompts), "max_new_tokens": max_new_tokens, "gamma": gamma,
-                         "sampling": asdict(sampling), "seed": seed, "warmup": warmup}
-    summary["environment"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                              "verispec": verispec.__version__, "python": platform.python_version(),
-                              "machine": platform.processor() or platform.machine(),
-                              "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "report.md").write_text(render_markdown(summary))
-    return summary
+
+    if cost_model and not (out / COST).is_file():
+        from verispec.bench.costcurve import measure_costs
+
+        (out / COST).write_text(json.dumps(measure_costs(tgt, drf), indent=1))
+    return render(out)
 
 
-def summarize(rows: list[dict], methods: list[str]) -> dict:
-    by = {m: [r for r in rows if r["method"] == m] for m in methods}
-    ar_time = sum(r["t_total"] for r in by["ar"])
-    table = {}
-    for m, rs in by.items():
-        t = sum(r["t_total"] for r in rs)
-        toks = sum(r["new_tokens"] for r in rs)
-        drafted = sum(r["drafted"] for r in rs)
-        steps = sum(r["steps"] for r in rs)
-        per_prompt_speedup = [a["t_total"] / r["t_total"] for a, r in zip(by["ar"], rs)]
-        table[m] = {
-            "prompts": len(rs), "new_tokens": toks, "wall_s": t, "tokens_per_s": toks / t if t else None,
-            "speedup": ar_time / t if t else None,
-            "speedup_per_prompt_min_median_max": [min(per_prompt_speedup), statistics.median(per_prompt_speedup),
-                                                  max(per_prompt_speedup)],
-            "mat": sum(r["accepted"] + r["recovered"] + r["bonus"] for r in rs) / steps if steps else None,
-            "acceptance_rate": sum(r["accepted"] for r in rs) / drafted if drafted else None,
-            "target_forwards": sum(r["target_forwards"] for r in rs),
-            "drafter_forwards": sum(r["drafter_forwards"] for r in rs),
-            "t_draft": sum(r["t_draft"] for r in rs), "t_verify": sum(r["t_verify"] for r in rs),
-            "t_other": sum(r["t_other"] + r["t_prefill"] for r in rs),
-            "exact_match_ar": sum(r["exact_match_ar"] for r in rs) / len(rs),
-        }
-    return {"methods": table}
-
-
-def _f(x, spec=".2f"):
-    return "—" if x is None else format(x, spec)
-
-
-def render_markdown(summary: dict) -> str:
-    c = summary["config"]
-    lines = [f"# verispec bench: {c['target']}" + (f" ← {c['drafter']}" if c["drafter"] else ""), "",
-             f"{c['num_prompts']} prompts from `{c['dataset']}`, max_new_tokens={c['max_new_tokens']}, "
-             f"γ={c['gamma']}, sampling={c['sampling']}. Speedup = AR wall time / method wall time, same prompts, "
-             "same run; tokens are counted as generated ids for every method.", "",
-             "| method | tokens | wall s | tok/s | speedup | per-prompt speedup min/med/max | MAT | α̂ | "
-             "target fwd | drafter fwd | draft s | verify s | other s | exact match vs AR |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for m, r in summary["methods"].items():
-        lo, med, hi = r["speedup_per_prompt_min_median_max"]
-        lines.append(
-            f"| {m} | {r['new_tokens']} | {_f(r['wall_s'], '.1f')} | {_f(r['tokens_per_s'])} | "
-            f"{_f(r['speedup'])}x | {lo:.2f} / {med:.2f} / {hi:.2f} | {_f(r['mat'])} | {_f(r['acceptance_rate'])} | "
-            f"{r['target_forwards']} | {r['drafter_forwards']} | {_f(r['t_draft'], '.1f')} | "
-            f"{_f(r['t_verify'], '.1f')} | {_f(r['t_other'], '.1f')} | {r['exact_match_ar']:.0%} |")
-    bad = [m for m, r in summary["methods"].items() if c["sampling"]["temperature"] == 0 and r["exact_match_ar"] < 1]
-    if bad:
-        lines += ["", f"**WARNING: greedy output differs from AR for {', '.join(bad)}: not lossless on these "
-                      "prompts (see prompts.jsonl).**"]
-    e = summary["environment"]
-    lines += ["", f"torch {e['torch']}, transformers {e['transformers']}, verispec {e['verispec']}, "
-                  f"{e['threads']} threads, {e['machine']}, {e['time']}."]
-    return "\n".join(lines) + "\n"
+def _rotate(specs: list[MethodSpec], k: int) -> list[MethodSpec]:
+    k %= len(specs)
+    return specs[k:] + specs[:k]

@@ -1,0 +1,20 @@
+"""Measure what the cost model needs on this machine: the target's T(k) for k = 1..16 on a warm cache, the
+drafter's T(1), and both models' parameter counts (for FLOPs and the accelerator projection)."""
+
+from __future__ import annotations
+
+from verispec.models import LoadedModel
+
+KS = tuple(range(1, 17))
+
+
+def measure_costs(target: LoadedModel, drafter: LoadedModel | None, curve: bool = True) -> dict:
+    out = {"target_params": target.num_parameters, "drafter_params": drafter.num_parameters if drafter else None}
+    out["size_ratio"] = out["drafter_params"] / out["target_params"] if drafter else None
+    if curve:
+        from verispec.backends.measure import forward_cost_curve
+
+        out["target_curve_ms"] = {str(k): v for k, v in forward_cost_curve(target.model, ks=KS).items()}
+        if drafter is not None:
+            out["drafter_curve_ms"] = {str(k): v for k, v in forward_cost_curve(drafter.model, ks=(1, 2)).items()}
+    return out

@@ -1,0 +1,148 @@
+"""Render a bench directory (config.json, prompts.jsonl, cost.json) into summary.json, report.md and PNG plots.
+Needs no model: `verispec report DIR` re-renders any run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from verispec.bench.costmodel import predict, verify_ratio
+from verispec.bench.metrics import aggregate
+
+CONFIG, ROWS, COST = "config.json", "prompts.jsonl", "cost.json"
+
+
+def load_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in open(out / ROWS) if line.strip()]
+    ar = {(r["prompt_id"], r["repeat"]): r["token_ids"] for r in rows if r["method"] == "ar"}
+    for r in rows:
+        ref = ar.get((r["prompt_id"], r["repeat"]))
+        r["exact_match_ar"] = None if ref is None else r["token_ids"] == ref
+    return rows
+
+
+def summarize(config: dict, rows: list[dict], cost: dict | None) -> dict:
+    cost = cost or {}
+    curve = {int(k): v for k, v in cost.get("target_curve_ms", {}).items()} or None
+    t1 = curve[1] if curve else None
+    params = {"target": cost.get("target_params"), "drafter": cost.get("drafter_params")}
+    methods = config["methods"]
+    categories = sorted({r["category"] for r in rows})
+    groups = {"overall": rows, **{c: [r for r in rows if r["category"] == c] for c in categories}}
+    out = {}
+    for g, rs in groups.items():
+        ar_rows = [r for r in rs if r["method"] == "ar"]
+        table = {}
+        for m in methods:
+            mr = [r for r in rs if r["method"] == m]
+            if not mr:
+                continue
+            agg = aggregate(mr, ar_rows, params if not mr[0].get("peer") else {"target": params["target"]})
+            agg["peer"] = bool(mr[0].get("peer"))
+            agg.update(predict(agg, t1, curve, cost.get("size_ratio") if "sd" in m or "+" in m else 0.0))
+            table[m] = agg
+        out[g] = table
+    greedy = config["sampling"]["temperature"] == 0
+    flagged = {m: r["mismatched_prompts"] for m, r in out["overall"].items() if greedy and r["mismatched_prompts"]}
+    return {"config": config, "cost": cost, "groups": out, "lossless_violations": flagged,
+            "verify_ratio": {k: verify_ratio(curve, k) for k in sorted(curve)} if curve else None}
+
+
+def _f(x, spec=".2f", suffix=""):
+    return "—" if x is None else format(x, spec) + suffix
+
+
+def _table(table: dict, greedy: bool) -> list[str]:
+    q = "exact match vs AR" if greedy else "mean log-lik"
+    lines = [f"| method | tokens | tok/s | speedup | spread (min / med / max) | MAT | α̂ | γ used | target fwd | "
+             f"drafter fwd | draft / verify / other s | p50 / p90 latency s | {q} | BLEU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, r in table.items():
+        sp = r["speedup_spread"]
+        qual = _f(r["exact_match_ar"], ".0%") if greedy else _f(r["mean_loglik"], ".3f")
+        name = f"{m} (HF peer)" if r["peer"] else m
+        lines.append(
+            f"| {name} | {r['new_tokens']} | {_f(r['tokens_per_s'])} | **{_f(r['speedup'])}x** | "
+            f"{_f(sp['min'])} / {_f(sp['median'])} / {_f(sp['max'])} ({sp['of']}) | {_f(r['mat'])} | "
+            f"{_f(r['acceptance_rate'])} | {_f(r['mean_gamma'])} | {_f(r['target_forwards'], 'd')} | "
+            f"{_f(r['drafter_forwards'], 'd')} | {r['t_draft']:.1f} / {r['t_verify']:.1f} / {r['t_other']:.1f} | "
+            f"{_f(r['latency_s']['p50'], '.1f')} / {_f(r['latency_s']['p90'], '.1f')} | {qual} | "
+            f"{_f(r['bleu'], '.1f')} |")
+    return lines
+
+
+def markdown(s: dict) -> str:
+    c, cost = s["config"], s["cost"]
+    env = c.get("environment", {})
+    greedy = c["sampling"]["temperature"] == 0
+    L = [f"# verispec bench — target `{c['target']}`" + (f", drafter `{c['drafter']}`" if c["drafter"] else ""), "",
+         f"{c['num_prompts']} prompts from `{c['dataset']}` (seed {c['seed']}), max_new_tokens={c['max_new_tokens']}, "
+         f"γ={c['gamma']} unless the method says otherwise, sampling={c['sampling']}, repeats={c['repeats']}, "
+         f"backend={c.get('backend', 'torch')}.", "",
+         "Speedup = AR wall time / method wall time over the same prompts and repeats, in this run (AR is "
+         "verispec's own autoregressive decoding with a KV cache). Tokens are counted as generated ids up to and "
+         "including the first stop token, for every method. MAT = (accepted + recovered + bonus) / target "
+         "forwards; α̂ = accepted / drafted. Wall time includes prefill; the split shows draft / verify / other "
+         "(prefill not included in the split)."]
+    if s["lossless_violations"]:
+        L += ["", "**WARNING — greedy output differs from AR (not lossless on these prompts):** " +
+              "; ".join(f"{m}: {', '.join(ps)}" for m, ps in s["lossless_violations"].items())]
+    for g, table in s["groups"].items():
+        if g == "overall" and len(s["groups"]) == 2:
+            continue  # one category: its table is the overall one
+        L += ["", f"## {'Overall' if g == 'overall' else 'Category: ' + g}", ""] + _table(table, greedy)
+    if cost.get("target_params"):
+        L += ["", "## FLOPs estimate", "",
+              "2 × parameters × tokens processed, per model (prefill included; HF peers: target lower bound).", "",
+              "| method | TFLOPs |", "|---|---|"]
+        L += [f"| {m} | {_f(r['flops'] / 1e12 if r['flops'] else None, '.2f')} |"
+              for m, r in s["groups"]["overall"].items()]
+    curve = cost.get("target_curve_ms")
+    if curve:
+        t1 = curve["1"]
+        L += ["", "## Cost model", "",
+              f"Target forward cost on this machine, warm cache (median ms): T(1) = {t1:.0f} ms" +
+              (f"; drafter T(1) = {cost['drafter_curve_ms']['1']:.0f} ms (c = "
+               f"{cost['drafter_curve_ms']['1'] / t1:.3f})" if cost.get("drafter_curve_ms") else "") + ".", "",
+              "| k | " + " | ".join(curve) + " |", "|---|" + "---|" * len(curve),
+              "| T(k) ms | " + " | ".join(f"{v:.0f}" for v in curve.values()) + " |",
+              "| T(k)/T(1) | " + " | ".join(f"{v / t1:.2f}" for v in curve.values()) + " |", "",
+              "Predicted = (1 − α^(γ+1)) / ((1 − α)(γc + T(γ+1)/T(1))) from each method's measured α̂, mean γ and "
+              "measured draft cost c (draft seconds per drafted token / T(1)). **Projected** = the same formula for a "
+              "memory-bound accelerator (T(γ+1)/T(1) = 1, c = drafter/target parameter ratio): a projection, not a "
+              "measurement.", "",
+              "| method | measured speedup | predicted (this machine) | c measured | projected (accelerator) |",
+              "|---|---|---|---|---|"]
+        for m, r in s["groups"]["overall"].items():
+            if m == "ar" or r["peer"]:
+                continue
+            L.append(f"| {m} | {_f(r['speedup'])}x | {_f(r['predicted'], '.2f', 'x')} | {_f(r['c_measured'], '.3f')} | "
+                     f"{_f(r['projected'], '.2f', 'x')} (projection) |")
+    pos = {m: r["acceptance_by_position"] for m, r in s["groups"]["overall"].items() if r["acceptance_by_position"]}
+    if pos:
+        L += ["", "## Acceptance by draft position", "", "| method | " +
+              " | ".join(str(i + 1) for i in range(max(map(len, pos.values())))) + " |",
+              "|---|" + "---|" * max(map(len, pos.values()))]
+        L += [f"| {m} | " + " | ".join(_f(x) for x in v) + " |" for m, v in pos.items()]
+    L += ["", f"Environment: torch {env.get('torch')}, transformers {env.get('transformers')}, verispec "
+              f"{env.get('verispec')}, Python {env.get('python')}, {env.get('cpu')} ({env.get('cores')} cores, "
+              f"{env.get('threads')} threads), started {env.get('time')}.",
+          "", "Files: prompts.jsonl (one row per generation), summary.json (every number), plots/*.png."]
+    return "\n".join(L) + "\n"
+
+
+def render(out: str | Path) -> dict:
+    out = Path(out)
+    if not (out / CONFIG).is_file() or not (out / ROWS).is_file():
+        raise FileNotFoundError(f"{out} has no {CONFIG} and {ROWS}: not a bench directory")
+    config = json.loads((out / CONFIG).read_text())
+    cost = json.loads((out / COST).read_text()) if (out / COST).is_file() else None
+    s = summarize(config, load_rows(out), cost)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(s, indent=1))
+    tmp.replace(out / "summary.json")
+    (out / "report.md").write_text(markdown(s))
+    from verispec.bench.plots import plot_all
+
+    plot_all(s, out / "plots")
+    return s
