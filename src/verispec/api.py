@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from verispec.cache import CachedLM
 from verispec.drafters import DRAFTERS
 from verispec.engine import decode
 from verispec.models.load import LoadedModel, check_compatible, load_model
-from verispec.policies import FixedGamma
+from verispec.policies import POLICIES
 from verispec.policies.base import DraftPolicy
 from verispec.sampling import Sampling
 from verispec.types import GenerationStats
@@ -37,6 +38,23 @@ class _Ctx:
     options: dict
 
 
+def resolve_policy(policy, gamma: int, options: dict) -> tuple[DraftPolicy, dict]:
+    """A policy object, or a registry name built from the options its constructor accepts (`gamma` seeds γ or
+    γ_max); the remaining options go to the drafter."""
+    if isinstance(policy, DraftPolicy):
+        return policy, options
+    cls = POLICIES.get(policy or "fixed")
+    if cls is None:
+        raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    mine = {k: v for k, v in options.items() if k in accepted}
+    if "gamma" in accepted:
+        mine.setdefault("gamma", gamma)
+    elif "gamma_max" in accepted:
+        mine.setdefault("gamma_max", gamma)
+    return cls(**mine), {k: v for k, v in options.items() if k not in accepted}
+
+
 def encode_prompt(target: LoadedModel, prompt, max_positions: int | None = None) -> list[int]:
     if isinstance(prompt, str):
         if target.tokenizer is None:
@@ -61,12 +79,14 @@ def _check_length(target: LoadedModel, n_prompt: int, max_new_tokens: int) -> No
 
 
 def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: int = 4,
-             sampling: Sampling | None = None, max_new_tokens: int = 128, policy: DraftPolicy | None = None,
+             sampling: Sampling | None = None, max_new_tokens: int = 128, policy: DraftPolicy | str | None = None,
              num_beams: int = 4, verifier=None, **options) -> GenerationOutput:
     """Generate a continuation of `prompt` (text or token ids) with the target's exact distribution.
 
     method: "ar" (autoregressive), "sd" (draft-model speculative sampling), "beam", or any registered drafter
     name; default "sd" when a drafter model is given, else "ar". sampling: Sampling(temperature=0) is greedy.
+    policy: a DraftPolicy or a registry name ("fixed", "egag", "heuristic", "confidence", "adaedl"); extra keyword
+    options go to the policy when its constructor takes them, else to the drafter.
     """
     sampling = sampling or Sampling()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -74,7 +94,7 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
     method = method or ("sd" if drafter is not None else "ar")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    policy = policy or FixedGamma(gamma)
+    policy, options = resolve_policy(policy, gamma, options)
     target = load_model(target)
     prompt_ids = encode_prompt(target, prompt)
     _check_length(target, len(prompt_ids), max_new_tokens)

@@ -23,6 +23,7 @@ def decode(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, pr
            generator: torch.Generator | None = None) -> tuple[list[int], GenerationStats]:
     """Generate up to max_new_tokens after `prompt`; returns (new token ids, statistics)."""
     stats = GenerationStats(method=method, prompt_tokens=len(prompt))
+    policy.start(sampling, target.vocab_size)
     t_start = time.perf_counter()
     tokens = list(prompt)
     target.reset()

@@ -44,7 +44,7 @@ class DraftModelDrafter(Drafter):
             q_i = sampling.probs(logits)[0]  # (V,)
             x.append(sample(q_i, generator))
             qs.append(q_i)
-            if x[-1] in self.stop_ids or not policy.keep_drafting(i, q_i):
+            if x[-1] in self.stop_ids or not policy.keep_drafting(i, q_i, logits[0]):
                 break  # nothing after an EOS can be kept
         q = torch.stack(qs) if qs else None  # (K, V)
         return Draft(x, q, self.name)

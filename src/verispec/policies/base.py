@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import torch
 
+from verispec.sampling import Sampling
 from verispec.types import Draft, VerifyResult
 
 
 class DraftPolicy:
     """Chooses the draft length before a round and may stop drafting early inside it.
 
+    start(sampling, vocab_size): called by the engine at the start of every generation (reset state here).
     next_gamma(): the most tokens to draft this round (the engine also caps it by the remaining budget).
-    keep_drafting(i, q_i): called after draft token i was sampled from q_i (None for deterministic drafters);
-        return False to stop after it. Per-token policies (confidence, entropy) live here.
+    keep_drafting(i, q_i, logits_i): called after draft token i was sampled from q_i (the sampling distribution;
+        None for deterministic drafters) with the drafter's raw logits_i when it has them; return False to stop.
     update(draft, result): learn from the outcome of a round.
-    record(): a small dict stored in the step statistics.
+    record(): a small dict stored in this round's step statistics.
+    A policy only changes how many tokens are drafted, never which distribution they come from, so every policy
+    leaves the output distribution exactly the target's.
     """
 
     name = "base"
 
+    def start(self, sampling: Sampling, vocab_size: int) -> None:
+        pass
+
     def next_gamma(self) -> int:
         raise NotImplementedError
 
-    def keep_drafting(self, i: int, q_i: torch.Tensor | None) -> bool:
+    def keep_drafting(self, i: int, q_i: torch.Tensor | None, logits_i: torch.Tensor | None = None) -> bool:
         return True
 
     def update(self, draft: Draft, result: VerifyResult) -> None:
@@ -30,3 +37,16 @@ class DraftPolicy:
 
     def record(self) -> dict:
         return {}
+
+
+def check_int(name: str, v, lo: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def check_unit(name: str, v, lo_open: bool = False, hi_open: bool = False) -> float:
+    ok = isinstance(v, (int, float)) and (0 < v if lo_open else 0 <= v) and (v < 1 if hi_open else v <= 1)
+    if not ok:
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}, got {v!r}")
+    return float(v)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from verispec.policies.base import DraftPolicy
+from verispec.policies.base import DraftPolicy, check_int
 
 
 class FixedGamma(DraftPolicy):
     name = "fixed"
 
     def __init__(self, gamma: int = 4):
-        if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
-            raise ValueError(f"gamma must be an integer >= 1, got {gamma!r}")
-        self.gamma = gamma
+        self.gamma = check_int("gamma", gamma, 1)
 
     def next_gamma(self) -> int:
         return self.gamma
