@@ -80,7 +80,7 @@ def _check_length(target: LoadedModel, n_prompt: int, max_new_tokens: int) -> No
 
 def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: int = 4,
              sampling: Sampling | None = None, max_new_tokens: int = 128, policy: DraftPolicy | str | None = None,
-             num_beams: int = 4, verifier=None, **options) -> GenerationOutput:
+             verifier=None, **options) -> GenerationOutput:
     """Generate a continuation of `prompt` (text or token ids) with the target's exact distribution.
 
     method: "ar" (autoregressive), "sd" (draft-model speculative sampling), "beam", or any registered drafter
@@ -94,7 +94,10 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
     method = method or ("sd" if drafter is not None else "ar")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    policy, options = resolve_policy(policy, gamma, options)
+    if method == "beam":
+        policy = None  # beam search drafts nothing; its options (num_beams, length_penalty) go to it
+    else:
+        policy, options = resolve_policy(policy, gamma, options)
     target = load_model(target)
     prompt_ids = encode_prompt(target, prompt)
     _check_length(target, len(prompt_ids), max_new_tokens)
@@ -103,8 +106,8 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
     if method == "beam":
         from verispec.beam import beam_search
 
-        ids, stats = beam_search(target.model, prompt_ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                 stop_ids=target.stop_ids, **options)
+        ids, stats = beam_search(target.model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=target.stop_ids,
+                                 **options)
     else:
         factory, needs_model = DRAFTERS[method]
         draft_model = None

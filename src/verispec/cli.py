@@ -13,6 +13,9 @@ GENERATE_EXAMPLES = """examples:
   verispec generate --target qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b --temperature 0.7 --top-p 0.9 \\
       --prompt-file prompt.txt --max-new-tokens 64
   verispec generate --target ./my-hf-model --method beam --num-beams 4 --prompt "Once upon a time"
+  verispec generate --target qwen2.5-coder-1.5b --method nasd --gamma 6 --option max_n=3 --humaneval 3
+  verispec generate --target qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b --policy egag --option gamma_max=8 \
+      --humaneval 3
 """
 
 BENCH_EXAMPLES = """examples:
@@ -35,6 +38,18 @@ def _add_sampling(p):
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _options(pairs: list[str] | None) -> dict:
+    from verispec.bench.methods import _value
+
+    out = {}
+    for kv in pairs or []:
+        if "=" not in kv:
+            raise ValueError(f"--option {kv!r} must look like key=value")
+        k, v = kv.split("=", 1)
+        out[k] = _value(v)
+    return out
 
 
 def cmd_models(a) -> int:
@@ -76,9 +91,12 @@ def cmd_generate(a) -> int:
             raise ValueError(f"--humaneval must be in [0, {len(he)})")
         prompt = he[a.humaneval].text
     method = a.method or ("sd" if a.drafter else "ar")
+    options = _options(a.option)
+    if method == "beam":
+        options["num_beams"] = a.num_beams
     out = verispec.generate(a.target, prompt, drafter=a.drafter if method != "ar" else None, method=method,
                             gamma=a.gamma, sampling=_sampling(a), max_new_tokens=a.max_new_tokens,
-                            num_beams=a.num_beams)
+                            policy=a.policy, **options)
     s = out.stats.summary()
     if a.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "stats": s}))
@@ -147,8 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--target", required=True, help="registry name or local HF model folder")
     g.add_argument("--drafter", help="draft model (registry name or folder) for speculative methods")
-    g.add_argument("--method", help="ar | sd | beam (default: sd with a drafter, else ar)")
+    g.add_argument("--method", help="ar | sd | nasd | pld | nasd+sd | rest | beam (default: sd with a drafter, "
+                                    "else ar)")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verify round (default 4)")
+    g.add_argument("--policy", default="fixed", help="draft-length policy: fixed, egag, heuristic, confidence, adaedl")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method or policy option, repeatable (e.g. --option max_n=3 --option gamma_max=8)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--num-beams", type=int, default=4)
     g.add_argument("--prompt")

@@ -9,8 +9,8 @@ from verispec.drafters.prompt_lookup import PromptLookupDrafter
 
 # method name -> (factory(ctx) -> Drafter, needs a draft model)
 DRAFTERS = {
-    "ar": (lambda ctx: NoDrafter(), False),
-    "sd": (lambda ctx: DraftModelDrafter(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids), True),
+    "ar": (NoDrafter.from_ctx, False),
+    "sd": (DraftModelDrafter.from_ctx, True),
     "nasd": (NGramDrafter.from_ctx, False),  # options: max_n, max_contexts, max_continuations, ...
     "pld": (PromptLookupDrafter.from_ctx, False),  # options: max_ngram_size, min_ngram_size, num_pred_tokens, ...
     "nasd+sd": (HybridDrafter.from_ctx, True),  # NASD options; min_context, min_count define a confident match

@@ -12,6 +12,7 @@ import torch
 from verispec.policies.base import DraftPolicy
 from verispec.sampling import Sampling
 from verispec.types import Draft, VerifyResult
+from verispec.validate import check_known
 
 
 class Drafter:
@@ -35,6 +36,11 @@ class NoDrafter(Drafter):
     """Autoregressive decoding is the engine with an empty draft: one target forward, one bonus token."""
 
     name = "none"
+
+    @classmethod
+    def from_ctx(cls, ctx) -> "NoDrafter":
+        check_known(ctx.options, "ar", ())
+        return cls()
 
     def propose(self, tokens, gamma, policy, sampling, generator) -> Draft:
         return Draft([], None, self.name)

@@ -14,6 +14,7 @@ from verispec.cache import CachedLM
 from verispec.drafters.base import Drafter
 from verispec.sampling import sample
 from verispec.types import Draft
+from verispec.validate import check_known
 
 
 class DraftModelDrafter(Drafter):
@@ -22,6 +23,11 @@ class DraftModelDrafter(Drafter):
     def __init__(self, model: torch.nn.Module, vocab_size: int, stop_ids: frozenset[int] = frozenset()):
         self.lm = CachedLM(model, vocab_size)
         self.stop_ids = stop_ids
+
+    @classmethod
+    def from_ctx(cls, ctx) -> "DraftModelDrafter":
+        check_known(ctx.options, "sd", ())
+        return cls(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids)
 
     @property
     def forwards(self) -> int:

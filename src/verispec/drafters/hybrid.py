@@ -20,7 +20,7 @@ from __future__ import annotations
 from verispec.drafters.base import Drafter
 from verispec.drafters.draft_model import DraftModelDrafter
 from verispec.drafters.ngram import NGramDrafter
-from verispec.drafters.options import check_known
+from verispec.validate import check_known
 from verispec.types import Draft
 
 

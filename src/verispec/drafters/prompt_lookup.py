@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from verispec.drafters.base import Drafter
-from verispec.drafters.options import check_bool, check_int, check_known
+from verispec.validate import check_bool, check_int, check_known
 from verispec.types import Draft
 
 

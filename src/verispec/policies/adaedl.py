@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 
-from verispec.policies.base import DraftPolicy, check_int, check_unit
+from verispec.policies.base import DraftPolicy
+from verispec.validate import check_int, check_unit
 from verispec.policies.entropy import drafter_distribution, entropy
 
 

@@ -38,15 +38,3 @@ class DraftPolicy:
     def record(self) -> dict:
         return {}
 
-
-def check_int(name: str, v, lo: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return v
-
-
-def check_unit(name: str, v, lo_open: bool = False, hi_open: bool = False) -> float:
-    ok = isinstance(v, (int, float)) and (0 < v if lo_open else 0 <= v) and (v < 1 if hi_open else v <= 1)
-    if not ok:
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}, got {v!r}")
-    return float(v)

@@ -3,7 +3,8 @@ drafter's top probability for the current draft token falls below a threshold.""
 
 from __future__ import annotations
 
-from verispec.policies.base import DraftPolicy, check_int, check_unit
+from verispec.policies.base import DraftPolicy
+from verispec.validate import check_int, check_unit
 from verispec.policies.entropy import drafter_distribution
 
 

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from verispec.policies.base import DraftPolicy, check_int
+from verispec.policies.base import DraftPolicy
+from verispec.validate import check_int
 
 
 class Heuristic(DraftPolicy):

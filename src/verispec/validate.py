@@ -1,4 +1,5 @@
-"""Checks for drafter options (the extra keyword arguments of `verispec.generate`), shared by the drafter files.
+"""Checks for method and policy options (the extra keyword arguments of `verispec.generate`), shared by the
+drafter and policy files.
 
 Impossible values end in a ValueError that names the option, the allowed range and the value received.
 """
@@ -33,3 +34,12 @@ def check_known(options: dict, method: str, known: Iterable[str]) -> dict:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {method!r}; "
                          f"known: {', '.join(known) or 'none'}")
     return options
+
+
+def check_unit(name: str, v, lo_open: bool = False, hi_open: bool = False) -> float:
+    """Return float(v) if it lies in the unit interval [0, 1] (ends opened as asked), else raise ValueError."""
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and (0 < v if lo_open else 0 <= v)
+          and (v < 1 if hi_open else v <= 1))
+    if not ok:
+        raise ValueError(f"{name} must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}, got {v!r}")
+    return float(v)
