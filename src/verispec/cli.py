@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gamma-max", type=int, default=16)
     t.add_argument("--verify-cost", help="measured k:T(k) pairs (else verification is free)")
     t.set_defaults(func=cmd_theory)
+
+    from verispec.datastore_cli import register as register_datastore
+
+    register_datastore(sub)
     return p
 
 

@@ -6,6 +6,7 @@ from verispec.drafters.draft_model import DraftModelDrafter
 from verispec.drafters.hybrid import HybridDrafter
 from verispec.drafters.ngram import NGramDrafter
 from verispec.drafters.prompt_lookup import PromptLookupDrafter
+from verispec.drafters.rest import RestDrafter
 
 # method name -> (factory(ctx) -> Drafter, needs a draft model)
 DRAFTERS = {
@@ -14,7 +15,8 @@ DRAFTERS = {
     "nasd": (NGramDrafter.from_ctx, False),  # options: max_n, max_contexts, max_continuations, ...
     "pld": (PromptLookupDrafter.from_ctx, False),  # options: max_ngram_size, min_ngram_size, num_pred_tokens, ...
     "nasd+sd": (HybridDrafter.from_ctx, True),  # NASD options; min_context, min_count define a confident match
+    "rest": (RestDrafter.from_ctx, False),  # options: datastore (required), max_suffix, min_suffix, max_occurrences
 }
 
 __all__ = ["Drafter", "NoDrafter", "DraftModelDrafter", "NGramDrafter", "PromptLookupDrafter", "HybridDrafter",
-           "DRAFTERS"]
+           "RestDrafter", "DRAFTERS"]
