@@ -139,6 +139,17 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_experiment(a) -> int:
+    from pathlib import Path
+
+    from verispec.experiments import egag
+
+    egag.run(a.out, a.target, a.drafter, a.dataset, a.num_prompts, a.max_new_tokens,
+             a.conditions.split(",") if a.conditions else None, resume=a.resume)
+    print((Path(a.out) / "egag.md").read_text())
+    return 0
+
+
 def cmd_theory(a) -> int:
     from verispec.bench.costmodel import theory_table
 
@@ -213,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gamma-max", type=int, default=16)
     t.add_argument("--verify-cost", help="measured k:T(k) pairs (else verification is free)")
     t.set_defaults(func=cmd_theory)
+
+    e = sub.add_parser("experiment", help="one-command studies (egag: adaptive draft length)",
+                       epilog="example: verispec experiment egag --num-prompts 4 --max-new-tokens 48",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("name", choices=["egag"])
+    e.add_argument("--target", default="qwen2.5-coder-1.5b")
+    e.add_argument("--drafter", default="qwen2.5-coder-0.5b")
+    e.add_argument("--dataset", default="humaneval,nl")
+    e.add_argument("--num-prompts", type=int, default=4, help="per dataset")
+    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--conditions", help="comma-separated subset of greedy,T=0.7,T=1.0 (default all)")
+    e.add_argument("--out", default="runs/egag")
+    e.add_argument("--resume", action="store_true")
+    e.set_defaults(func=cmd_experiment)
 
     from verispec.datastore_cli import register as register_datastore
 

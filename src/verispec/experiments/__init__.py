@@ -1,0 +1,1 @@
+"""One-command experiments built on the benchmark runner (same timing, counting and reports)."""
