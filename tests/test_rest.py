@@ -236,7 +236,7 @@ def test_cli_build_and_info(tmp_path, capsys):
     a = p.parse_args(["datastore", "info", str(out)])
     assert a.func(a) == 0
     assert "7 in 2 documents" in capsys.readouterr().out
-    from verispec.datastore_cli import main
+    from verispec.cli import main
     assert main(["datastore", "build", "--target", str(tmp_path / "nope"), "--corpus", str(corpus),
                  "--out", str(tmp_path / "x.npz")]) == 2
     assert "unknown model" in capsys.readouterr().err

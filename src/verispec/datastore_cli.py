@@ -98,19 +98,7 @@ def register(subparsers) -> None:
     i.set_defaults(func=cmd_info)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m verispec.datastore_cli ...`) with cli.py's error convention."""
-    p = argparse.ArgumentParser(prog="verispec")
-    register(p.add_subparsers(dest="cmd", required=True))
-    a = p.parse_args(argv)
-    from verispec.models.errors import ModelError
+if __name__ == "__main__":  # `python -m verispec.datastore_cli ...` is `verispec ...`
+    from verispec.cli import main
 
-    try:
-        return a.func(a)
-    except (ValueError, ModelError, FileNotFoundError) as e:
-        print(f"verispec: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
     sys.exit(main())
