@@ -26,6 +26,7 @@ class GenerationOutput:
     token_ids: list[int]
     prompt_ids: list[int]
     stats: GenerationStats
+    backends: tuple[str, str | None] = ("torch", None)  # (target, drafter)
 
 
 @dataclass
@@ -80,13 +81,15 @@ def _check_length(target: LoadedModel, n_prompt: int, max_new_tokens: int) -> No
 
 def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: int = 4,
              sampling: Sampling | None = None, max_new_tokens: int = 128, policy: DraftPolicy | str | None = None,
-             verifier=None, **options) -> GenerationOutput:
+             verifier=None, backend: str = "auto", drafter_backend: str | None = None,
+             **options) -> GenerationOutput:
     """Generate a continuation of `prompt` (text or token ids) with the target's exact distribution.
 
     method: "ar" (autoregressive), "sd" (draft-model speculative sampling), "beam", or any registered drafter
     name; default "sd" when a drafter model is given, else "ar". sampling: Sampling(temperature=0) is greedy.
     policy: a DraftPolicy or a registry name ("fixed", "egag", "heuristic", "confidence", "adaedl"); extra keyword
     options go to the policy when its constructor takes them, else to the drafter.
+    backend / drafter_backend: how models that verispec loads by name run (see verispec.load_model).
     """
     sampling = sampling or Sampling()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -98,11 +101,12 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
         policy = None  # beam search drafts nothing; its options (num_beams, length_penalty) go to it
     else:
         policy, options = resolve_policy(policy, gamma, options)
-    target = load_model(target)
+    target = load_model(target, backend=backend)
     prompt_ids = encode_prompt(target, prompt)
     _check_length(target, len(prompt_ids), max_new_tokens)
     generator = torch.Generator().manual_seed(sampling.seed)
 
+    draft_model = None
     if method == "beam":
         from verispec.beam import beam_search
 
@@ -110,15 +114,15 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
                                  **options)
     else:
         factory, needs_model = DRAFTERS[method]
-        draft_model = None
         if needs_model:
             if drafter is None:
                 raise ValueError(f"method {method!r} needs a drafter model (drafter=...)")
-            draft_model = load_model(drafter)
+            draft_model = load_model(drafter, backend=drafter_backend or backend)
             check_compatible(target, draft_model)
         d = factory(_Ctx(target, draft_model, target.stop_ids, options))
         ids, stats = decode(CachedLM(target.model), d, verifier or RejectionVerifier(), policy, prompt_ids,
                             max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=target.stop_ids,
                             method=method, generator=generator)
     text = target.tokenizer.decode(ids, skip_special_tokens=True) if target.tokenizer is not None else None
-    return GenerationOutput(text, ids, prompt_ids, stats)
+    return GenerationOutput(text, ids, prompt_ids, stats,
+                            (target.backend, draft_model.backend if method != "beam" and draft_model else None))

@@ -96,14 +96,15 @@ def cmd_generate(a) -> int:
         options["num_beams"] = a.num_beams
     out = verispec.generate(a.target, prompt, drafter=a.drafter if method != "ar" else None, method=method,
                             gamma=a.gamma, sampling=_sampling(a), max_new_tokens=a.max_new_tokens,
-                            policy=a.policy, **options)
+                            policy=a.policy, backend=a.backend, drafter_backend=a.drafter_backend, **options)
     s = out.stats.summary()
     if a.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "stats": s}))
         return 0
     print(out.text)
     print("\n--- stats ---", file=sys.stderr)
-    keys = ["method", "prompt_tokens", "new_tokens", "steps", "drafted", "accepted", "recovered", "bonus",
+    s["backends"] = f"{out.backends[0]}" + (f" / drafter {out.backends[1]}" if out.backends[1] else "")
+    keys = ["method", "backends", "prompt_tokens", "new_tokens", "steps", "drafted", "accepted", "recovered", "bonus",
             "acceptance_rate", "mat", "acceptance_by_position", "target_forwards", "drafter_forwards",
             "t_prefill", "t_draft", "t_verify", "t_other", "t_total", "tokens_per_s", "stop_reason"]
     for k in keys:
@@ -123,7 +124,9 @@ def cmd_bench(a) -> int:
 
     summary = run_bench(a.target, a.drafter, a.methods, a.dataset, a.num_prompts, a.max_new_tokens, a.gamma,
                         _sampling(a), a.out, seed=a.seed, warmup=not a.no_warmup, repeats=a.repeats,
-                        cost_model=not a.no_cost_model, resume=a.resume, backend=a.backend)
+                        cost_model=not a.no_cost_model, resume=a.resume, backend=a.backend,
+                        drafter_backend=a.drafter_backend,
+                        compare_backends=tuple(b for b in a.compare_backends.split(",") if b))
     print((Path(a.out) / "report.md").read_text())
     print(f"written: {a.out}/report.md, summary.json, prompts.jsonl, plots/")
     return 3 if summary["lossless_violations"] else 0
@@ -188,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file")
     g.add_argument("--humaneval", type=int, metavar="I", help="use HumanEval prompt number I (0-163)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text + stats")
+    g.add_argument("--backend", default="auto", help="auto (fast packed fp32 linears on CPU), torch, fast, or "
+                                                    "the explicitly lossy fast-bf16 / fast-int8")
+    g.add_argument("--drafter-backend", help="drafter backend (default: as --backend), e.g. fast-int8")
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
 
@@ -203,7 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--gamma", type=int, default=4, help="default γ for methods that draft (sd:gamma=6 overrides)")
     b.add_argument("--repeats", type=int, default=1, help="time the whole prompt set this many times")
-    b.add_argument("--backend", default="torch", help="torch (default) or fast (CPU packed linears)")
+    b.add_argument("--backend", default="auto",
+                   help="target backend: auto (fast on CPU, default), torch (transformers as built), fast, or an "
+                        "explicitly lossy fast-bf16 / fast-int8 (the target then *is* that reduced model)")
+    b.add_argument("--drafter-backend", help="drafter backend (default: as --backend); fast-int8 / fast-bf16 "
+                                             "change only speed and acceptance, never the output distribution")
+    b.add_argument("--compare-backends", default="", help="also measure the target's T(k) curve on these "
+                                                          "backends, e.g. torch")
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--resume", action="store_true", help="keep finished rows of the same configuration in --out")
     b.add_argument("--no-warmup", action="store_true")

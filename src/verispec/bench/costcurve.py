@@ -14,7 +14,9 @@ def measure_costs(target: LoadedModel, drafter: LoadedModel | None, curve: bool 
     if curve:
         from verispec.backends.measure import forward_cost_curve
 
-        out["target_curve_ms"] = {str(k): v for k, v in forward_cost_curve(target.model, ks=KS).items()}
+        curve = forward_cost_curve(target.model, ks=KS, repeats=3, warmup=1)
+        out["target_curve_ms"] = {str(k): v for k, v in curve.items()}
         if drafter is not None:
-            out["drafter_curve_ms"] = {str(k): v for k, v in forward_cost_curve(drafter.model, ks=(1, 2)).items()}
+            d = forward_cost_curve(drafter.model, ks=(1, 2), repeats=5, warmup=1)
+            out["drafter_curve_ms"] = {str(k): v for k, v in d.items()}
     return out

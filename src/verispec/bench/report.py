@@ -78,7 +78,9 @@ def markdown(s: dict) -> str:
     L = [f"# verispec bench — target `{c['target']}`" + (f", drafter `{c['drafter']}`" if c["drafter"] else ""), "",
          f"{c['num_prompts']} prompts from `{c['dataset']}` (seed {c['seed']}), max_new_tokens={c['max_new_tokens']}, "
          f"γ={c['gamma']} unless the method says otherwise, sampling={c['sampling']}, repeats={c['repeats']}, "
-         f"backend={c.get('backend', 'torch')}.", "",
+         f"backends: target `{c.get('backends', {}).get('target', c.get('backend'))}`, drafter "
+         f"`{c.get('backends', {}).get('drafter', c.get('drafter_backend'))}` (a target on a reduced-precision "
+         "backend *is* that reduced model: losslessness is relative to it).", "",
          "Speedup = AR wall time / method wall time over the same prompts and repeats, in this run (AR is "
          "verispec's own autoregressive decoding with a KV cache). Tokens are counted as generated ids up to and "
          "including the first stop token, for every method. MAT = (accepted + recovered + bonus) / target "
@@ -100,7 +102,17 @@ def markdown(s: dict) -> str:
     curve = cost.get("target_curve_ms")
     if curve:
         t1 = curve["1"]
+        curves = {cost.get("backend", "this run"): curve, **cost.get("other_backends", {})}
         L += ["", "## Cost model", "",
+              "Target forward of k new tokens on a warm 150-token cache, median ms, per backend (the run used "
+              f"`{cost.get('backend', '?')}`):", "",
+              "| backend | " + " | ".join(f"T({k})" for k in curve) + " | T(8)/T(1) | T(16)/T(1) |",
+              "|---|" + "---|" * (len(curve) + 2)]
+        for b, cv in curves.items():
+            L.append(f"| {b} | " + " | ".join(f"{v:.0f}" for v in cv.values()) +
+                     f" | {cv['8'] / cv['1']:.2f} | {cv['16'] / cv['1']:.2f} |" if "16" in cv and "8" in cv else
+                     f"| {b} | " + " | ".join(f"{v:.0f}" for v in cv.values()) + " | — | — |")
+        L += ["",
               f"Target forward cost on this machine, warm cache (median ms): T(1) = {t1:.0f} ms" +
               (f"; drafter T(1) = {cost['drafter_curve_ms']['1']:.0f} ms (c = "
                f"{cost['drafter_curve_ms']['1'] / t1:.3f})" if cost.get("drafter_curve_ms") else "") + ".", "",

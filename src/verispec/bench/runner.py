@@ -77,7 +77,8 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
               num_prompts: int | None = 5, max_new_tokens: int = 64, gamma: int = 4,
               sampling: Sampling | None = None, out_dir: str | Path = "runs/bench", seed: int = 0,
               warmup: bool = True, repeats: int = 1, cost_model: bool = True, resume: bool = False,
-              backend: str | None = None, progress: bool = True) -> dict:
+              backend: str = "auto", drafter_backend: str | None = None, compare_backends: tuple[str, ...] = (),
+              progress: bool = True) -> dict:
     from verispec.bench.report import render
 
     sampling = sampling or Sampling()
@@ -94,13 +95,13 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
     config = {"target": target, "drafter": drafter, "methods": [s.label for s in specs], "dataset": dataset,
               "num_prompts": len(prompts), "prompt_ids": [p.id for p in prompts], "max_new_tokens": max_new_tokens,
               "gamma": gamma, "sampling": asdict(sampling), "seed": seed, "warmup": warmup, "repeats": repeats,
-              "backend": backend or "torch"}
+              "backend": backend, "drafter_backend": drafter_backend or backend}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done: set[tuple] = set()
     if resume and (out / CONFIG).is_file():
         old = json.loads((out / CONFIG).read_text())
-        if {k: v for k, v in old.items() if k != "environment"} != config:
+        if {k: v for k, v in old.items() if k not in ("environment", "backends")} != config:
             raise ValueError(f"--resume: {out / CONFIG} was written for a different configuration")
         if (out / ROWS).is_file():
             done = {(r["prompt_id"], r["method"], r["repeat"]) for r in map(json.loads, open(out / ROWS))}
@@ -109,16 +110,14 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
             (out / f).unlink(missing_ok=True)
     (out / CONFIG).write_text(json.dumps({**config, "environment": environment()}, indent=1))
 
-    tgt = load_model(target)
-    drf: LoadedModel | None = load_model(drafter) if drafter else None
+    tgt = load_model(target, backend=backend)
+    drf: LoadedModel | None = load_model(drafter, backend=drafter_backend or backend) if drafter else None
     if drf is not None:
         check_compatible(tgt, drf)
-    if backend and backend != "torch":
-        from verispec.backends import apply_backend
-
-        for m in (tgt, drf):
-            if m is not None:
-                apply_backend(m.model, backend)
+    cfg_path = out / CONFIG
+    cfg = json.loads(cfg_path.read_text())
+    cfg["backends"] = {"target": tgt.backend, "drafter": drf.backend if drf else None}
+    cfg_path.write_text(json.dumps(cfg, indent=1))
     encoded = [encode(tgt, p) for p in prompts]
 
     if warmup:
@@ -156,7 +155,13 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
     if cost_model and not (out / COST).is_file():
         from verispec.bench.costcurve import measure_costs
 
-        (out / COST).write_text(json.dumps(measure_costs(tgt, drf), indent=1))
+        costs = measure_costs(tgt, drf)
+        for b in compare_backends:  # the target's T(k) curve on other backends, from a fresh copy each
+            if b != tgt.backend:
+                other = load_model(target, backend=b)
+                costs.setdefault("other_backends", {})[other.backend] = measure_costs(other, None)["target_curve_ms"]
+                del other
+        (out / COST).write_text(json.dumps({**costs, "backend": tgt.backend}, indent=1))
     return render(out)
 
 

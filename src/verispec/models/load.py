@@ -19,6 +19,7 @@ class LoadedModel:
     tokenizer: object | None = None
     name: str = "model"
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    backend: str = "torch"  # how its linear layers run (see verispec.backends); named in every report
 
     @property
     def vocab_size(self) -> int:
@@ -50,13 +51,24 @@ def stop_ids_of(model: torch.nn.Module, tokenizer=None, extra=()) -> frozenset[i
     return frozenset(ids)
 
 
-def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool = True) -> LoadedModel:
-    """source: LoadedModel | nn.Module | registry name | local folder with an HF causal LM."""
+def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool = True,
+               backend: str | None = "auto") -> LoadedModel:
+    """source: LoadedModel | nn.Module | registry name | local folder with an HF causal LM.
+
+    backend: how the linear layers run ("auto" = the fast packed fp32 path on CPU, "torch" = as transformers
+    built it, "fast-bf16"/"fast-int8" = reduced-precision weights, meant for drafters). It is applied to models
+    verispec loads itself; a model object you pass in is changed only when you name a backend other than "auto".
+    """
     if isinstance(source, LoadedModel):
+        if backend not in (None, "auto"):
+            _apply(source, backend)
         return source
     if isinstance(source, torch.nn.Module):
         source.eval()
-        return LoadedModel(source, tokenizer, type(source).__name__, stop_ids_of(source, tokenizer))
+        out = LoadedModel(source, tokenizer, type(source).__name__, stop_ids_of(source, tokenizer))
+        if backend not in (None, "auto"):
+            _apply(out, backend)
+        return out
     if not isinstance(source, (str, Path)):
         raise TypeError(f"cannot load a model from {type(source).__name__}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,8 +98,17 @@ def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool =
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError):
             tokenizer = None
-    return LoadedModel(model, tokenizer, Path(name).name if name not in REGISTRY else name,
-                       stop_ids_of(model, tokenizer, extra))
+    out = LoadedModel(model, tokenizer, Path(name).name if name not in REGISTRY else name,
+                      stop_ids_of(model, tokenizer, extra))
+    return _apply(out, backend)
+
+
+def _apply(m: LoadedModel, backend: str | None) -> LoadedModel:
+    from verispec.backends import apply_backend, backend_of
+
+    apply_backend(m.model, backend)
+    m.backend = backend_of(m.model)
+    return m
 
 
 def check_compatible(target: LoadedModel, drafter: LoadedModel) -> None:

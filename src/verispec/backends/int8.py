@@ -1,0 +1,50 @@
+"""Backend "fast-int8": dynamically quantized linears (int8 weights, int8 activations per call) — a cheap drafter.
+
+Lossy by design. A drafter's distribution only decides how many drafts the target accepts, never what the output
+is (the verifier keeps the target's distribution exactly), so a drafter may trade accuracy for speed. FACTS.md
+("Kernels") measured `torch.ao.quantization.quantize_dynamic` at 0.61 ms for one row of Qwen-1.5B's gate projection
+versus 3.44 ms for the fp32 default — the cheapest path found there, at ~2e-2 relative error. Its effect on the
+acceptance rate has to be measured per drafter; applied to a target, the target *is* the quantized model and
+losslessness holds relative to it (name it so in outputs).
+
+Weights are quantized per output channel (symmetric int8, one scale per row), activations per call (per-tensor,
+from the observed range), accumulation in int32, output fp32 (FBGEMM / x86 engine on this CPU). The API is
+torch's eager-mode dynamic quantization: deprecated in torch 2.13 in favour of torchao (it warns; the warning is
+silenced here), still present and working in the pinned torch. Each quantized layer keeps `in_features` and
+`out_features`. The dense fp32 weights are dropped (int8 is 1/4 of their memory).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+def int8_available() -> bool:
+    """Whether this torch build has a CPU engine for dynamically quantized int8 linears."""
+    try:
+        return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm", "onednn"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def quantize_int8(module: nn.Module, names: list[str]) -> int:
+    """Replace the nn.Linear submodules named in `names` by dynamically quantized int8 linears, in place."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if not names:
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.13 deprecates eager quantization (moving to torchao)
+        quantize_dynamic(module, {n: per_channel_dynamic_qconfig for n in names}, dtype=torch.qint8, inplace=True)
+    return len(names)
+
+
+def is_int8_linear(m: nn.Module) -> bool:
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+    except ImportError:  # pragma: no cover - quantization removed from torch
+        return False
+    return isinstance(m, DynamicQuantizedLinear)
