@@ -30,7 +30,10 @@ class LoadedModel:
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Weights of the model, counting packed / int8 linear layers (which are not nn.Parameters)."""
+        from verispec.backends import weight_count
+
+        return weight_count(self.model)
 
 
 def _ids(x) -> set[int]:
