@@ -113,12 +113,9 @@ def markdown(s: dict) -> str:
                      f" | {cv['8'] / cv['1']:.2f} | {cv['16'] / cv['1']:.2f} |" if "16" in cv and "8" in cv else
                      f"| {b} | " + " | ".join(f"{v:.0f}" for v in cv.values()) + " | — | — |")
         L += ["",
-              f"Target forward cost on this machine, warm cache (median ms): T(1) = {t1:.0f} ms" +
+              f"T(1) = {t1:.0f} ms" +
               (f"; drafter T(1) = {cost['drafter_curve_ms']['1']:.0f} ms (c = "
                f"{cost['drafter_curve_ms']['1'] / t1:.3f})" if cost.get("drafter_curve_ms") else "") + ".", "",
-              "| k | " + " | ".join(curve) + " |", "|---|" + "---|" * len(curve),
-              "| T(k) ms | " + " | ".join(f"{v:.0f}" for v in curve.values()) + " |",
-              "| T(k)/T(1) | " + " | ".join(f"{v / t1:.2f}" for v in curve.values()) + " |", "",
               "Predicted = (1 − α^(γ+1)) / ((1 − α)(γc + T(γ+1)/T(1))) from each method's measured α̂, mean γ and "
               "measured draft cost c (draft seconds per drafted token / T(1)). **Projected** = the same formula for a "
               "memory-bound accelerator (T(γ+1)/T(1) = 1, c = drafter/target parameter ratio): a projection, not a "
