@@ -42,6 +42,12 @@ class VerifyResult:
         return draft.tokens[: self.accepted] + [self.token]
 
 
+def acceptance_by_position(drafted: list[int], accepted: list[int]) -> list[tuple[int, int]]:
+    """Per draft position i: (#rounds that drafted a token at i, #rounds that kept it), from per-round counts."""
+    width = max(drafted, default=0)
+    return [(sum(1 for d in drafted if d > i), sum(1 for a in accepted if a > i)) for i in range(width)]
+
+
 @dataclass
 class StepStats:
     """One engine step: one target forward over the pending token plus `drafted` drafts."""
@@ -106,13 +112,7 @@ class GenerationStats:
 
     def acceptance_by_position(self) -> list[tuple[int, int]]:
         """[(drafted at position i, accepted at position i)] for i = 0 .. max draft length - 1."""
-        width = max((s.drafted for s in self.steps), default=0)
-        out = [[0, 0] for _ in range(width)]
-        for s in self.steps:
-            for i in range(s.drafted):
-                out[i][0] += 1
-                out[i][1] += i < s.accepted
-        return [tuple(x) for x in out]
+        return acceptance_by_position([s.drafted for s in self.steps], [s.accepted for s in self.steps])
 
     @property
     def t_draft(self) -> float:

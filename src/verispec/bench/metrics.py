@@ -13,7 +13,7 @@ import statistics
 
 import numpy as np
 
-from verispec.types import GenerationStats
+from verispec.types import GenerationStats, acceptance_by_position
 
 
 def steps_log(stats: GenerationStats) -> dict:
@@ -48,9 +48,7 @@ def aggregate(rows: list[dict], ar_rows: list[dict], params: dict[str, int] | No
     d = [x for r in logged for x in r["steps"]["d"]]
     a = [x for r in logged for x in r["steps"]["a"]]
     n_steps = len(d)
-    width = max(d, default=0)
-    drafted_at = [sum(1 for x in d if x > i) for i in range(width)]
-    accepted_at = [sum(1 for x in a if x > i) for i in range(width)]
+    by_pos = acceptance_by_position(d, a)
     flops = None
     if params.get("target"):
         flops = 2 * params["target"] * sum(r["target_tokens_processed"] for r, _ in pairs)
@@ -77,7 +75,7 @@ def aggregate(rows: list[dict], ar_rows: list[dict], params: dict[str, int] | No
         "mat": (sum(a) + n_steps) / n_steps if n_steps else None,
         "mean_gamma": sum(d) / n_steps if n_steps else None,
         "gamma_histogram": {str(k): v for k, v in sorted(gamma_hist.items())},
-        "acceptance_by_position": [x / y if y else None for x, y in zip(accepted_at, drafted_at)],
+        "acceptance_by_position": [k / n if n else None for n, k in by_pos],
         "target_forwards": sum(r.get("target_forwards") or 0 for r, _ in pairs) if logged else None,
         "drafter_forwards": sum(r.get("drafter_forwards") or 0 for r, _ in pairs) if logged else None,
         "flops": flops,

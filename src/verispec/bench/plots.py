@@ -16,6 +16,12 @@ def plot_all(s: dict, folder: Path) -> list[Path]:
     names = list(table)
     made = []
 
+    def save(fig, fname):
+        fig.tight_layout()
+        fig.savefig(folder / fname, dpi=110)
+        plt.close(fig)
+        made.append(folder / fname)
+
     def bar(key, title, fname, ref=None):
         fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names)), 3.2))
         vals = [table[m][key] or 0 for m in names]
@@ -24,10 +30,7 @@ def plot_all(s: dict, folder: Path) -> list[Path]:
             ax.axhline(ref, color="k", lw=0.8, ls="--")
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
-        fig.tight_layout()
-        fig.savefig(folder / fname, dpi=110)
-        plt.close(fig)
-        made.append(folder / fname)
+        save(fig, fname)
 
     bar("speedup", "Speedup vs AR (measured, this machine)", "speedup.png", 1.0)
     bar("mat", "MAT: tokens per target forward", "mat.png", 1.0)
@@ -42,10 +45,7 @@ def plot_all(s: dict, folder: Path) -> list[Path]:
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=7)
         ax.set_title("Acceptance by draft position")
-        fig.tight_layout()
-        fig.savefig(folder / "acceptance_by_position.png", dpi=110)
-        plt.close(fig)
-        made.append(folder / "acceptance_by_position.png")
+        save(fig, "acceptance_by_position.png")
 
     pred = [m for m in names if table[m].get("predicted") is not None]
     if pred:
@@ -60,8 +60,5 @@ def plot_all(s: dict, folder: Path) -> list[Path]:
         ax.set_xticks(list(x), pred, rotation=30)
         ax.legend(fontsize=7)
         ax.set_title("Speedup: measured vs predicted vs projected")
-        fig.tight_layout()
-        fig.savefig(folder / "measured_vs_predicted.png", dpi=110)
-        plt.close(fig)
-        made.append(folder / "measured_vs_predicted.png")
+        save(fig, "measured_vs_predicted.png")
     return made

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from verispec.bench.report import _f
 from verispec.sampling import Sampling
 
 MAIN = ["sd:gamma=2", "sd:gamma=4", "sd:gamma=6", "nasd", "sd:policy=egag:gamma_max=8", "sd:policy=heuristic",
@@ -63,10 +64,6 @@ def run(out_dir: str | Path = "runs/egag", target: str = "qwen2.5-coder-1.5b", d
     (out / "egag.json").write_text(json.dumps(result, indent=1))
     (out / "egag.md").write_text(report(result, out))
     return result
-
-
-def _f(x, spec=".2f"):
-    return "—" if x is None else format(x, spec)
 
 
 def _h_norm(row: dict) -> float | None:
