@@ -83,6 +83,35 @@ def test_retrieval_returns_the_continuations_and_the_most_frequent_chain():
     assert ds2.retrieve([1], 2, min_suffix=1).chain() == [8, 11]
 
 
+def test_retrieval_tree_keeps_the_most_frequent_nodes_parents_first():
+    ds = raw([[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [0, 1, 2, 3, 7, 8], [1, 2, 3, 4, 5, 9], [1, 2], [1, 2, 3]])
+    r = ds.retrieve([9, 9, 1, 2], 3, max_suffix=2, min_suffix=2)
+    # counts: (3) 5, (3,4) 3, (3,4,5) 2, (3,4,6) 1, (3,7) 1, (3,7,8) 1
+    assert r.tree(3, 3) == ([3, 4, 5], [-1, 0, 1])
+    tokens, parents = r.tree(10, 3)
+    assert sorted(zip(tokens, parents)) == sorted([(3, -1), (4, 0), (7, 0), (5, 1), (6, 1), (8, 2)])
+    assert all(a < i for i, a in enumerate(parents))
+    assert r.tree(10, 2) == ([3, 4, 7], [-1, 0, 0])  # cut to depth γ
+    assert r.tree(10, 3, frozenset({4})) == ([3, 4, 7, 8], [-1, 0, 0, 2])  # nothing below a stop token
+
+
+@pytest.mark.parametrize("gamma", [2, 4])
+def test_greedy_rest_tree_equals_ar_and_keeps_branches(pair, gamma):
+    target, _ = pair
+    plain = ar(target, 40)
+    seq = PROMPT + plain
+    # each context is followed by a wrong continuation more often than by the right one: a chain takes the wrong
+    # one, a tree also holds the right one
+    docs = [[seq[i - 1], seq[i], (seq[i + 1] + 1) % 64, 0] for i in range(1, len(seq) - 1)] * 6
+    docs += [seq[i - 1: i + 4] for i in range(1, len(seq) - 3)]
+    ds = Datastore.from_docs(docs, target.tokenizer)
+    kw = dict(method="rest", datastore=ds, gamma=gamma, max_new_tokens=40, max_suffix=2)
+    chain = verispec.generate(target, PROMPT, **kw)
+    tree = verispec.generate(target, PROMPT, tree_nodes=8, **kw)
+    assert chain.token_ids == tree.token_ids == plain
+    assert tree.stats.mat > chain.stats.mat + 0.3 and tree.stats.target_forwards < chain.stats.target_forwards
+
+
 def test_retrieval_caps_the_occurrences_examined():
     docs = [[1, 2, 10 + (i % 5)] for i in range(100)]  # 5 continuations, 20 each
     ds = raw(docs)
@@ -285,10 +314,10 @@ class AcceptEverything(RejectionVerifier):
         return super().verify(draft, p, generator)
 
 
-def draw_rest(target, ds, sampling, n, gamma=2, verifier=RejectionVerifier()):
+def draw_rest(target, ds, sampling, n, gamma=2, verifier=RejectionVerifier(), tree_nodes=0):
     counts = np.zeros(V * V)
     lm = CachedLM(target)
-    drafter = RestDrafter(ds, min_suffix=1)
+    drafter = RestDrafter(ds, min_suffix=1, tree_nodes=tree_nodes)
     g = torch.Generator().manual_seed(sampling.seed)
     drafted = accepted = 0
     for _ in range(n):
@@ -319,6 +348,17 @@ def test_rest_samples_follow_the_target():
     assert chi2_pvalue(counts, law) > 1e-3
     assert drafted == n  # one draft per generation (the budget of 2 leaves room for one)
     assert abs(accepted / drafted - p_x) < 0.03  # a one-hot draft x is kept with probability p(x)
+
+
+def test_rest_tree_samples_follow_the_target():
+    """Two first-level candidates (x, x + 1) verified as a tree: the second is tried under p without x."""
+    target, _ = models()
+    s = Sampling(temperature=1.0, seed=7)
+    law = exact_two_token_law(target, s)
+    ds, p_x = rest_datastore_for_distribution(law)
+    counts, drafted, accepted = draw_rest(target, ds, s, 6000, tree_nodes=4)
+    assert chi2_pvalue(counts, law) > 1e-3
+    assert accepted / 6000 > p_x + 0.02  # the second branch is kept in some rounds that rejected x
 
 
 def test_the_distribution_check_catches_a_verifier_that_ignores_p():

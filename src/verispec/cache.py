@@ -4,6 +4,11 @@ The cache always holds the KV entries of a prefix of the sequence this model has
 Before every forward the cache is cropped to the longest prefix it shares with the requested sequence, so after
 a rejection both models end exactly as if only the kept tokens had been fed (the rule that decides
 losslessness of the KV state). Positions are explicit: the cache length is the position of the next token.
+
+Token trees (SpecInfer, Lookahead) are scored in one forward with a custom 4D attention mask and explicit position
+ids: every node sees the committed prefix and its own ancestors, at position = prefix length + depth - 1. Their KV
+entries then sit side by side in the cache; the next rollback keeps only the nodes on the path that matches the
+committed tokens (copied into contiguous slots, as Medusa does) and drops the rest.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
+
+from verispec.types import Draft
 
 
 def output_width(model: torch.nn.Module) -> int:
@@ -31,17 +38,22 @@ class CachedLM:
         self.vocab_size = vocab_size or output_width(model)
         self.cache: DynamicCache | None = None
         self.ids: list[int] = []
+        # After a tree forward: the scored nodes' tokens and parents (-1 = ids[-1]); their KV entries follow ids.
+        self.tree: tuple[list[int], list[int]] | None = None
         self.forwards = 0
         self.tokens_processed = 0
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
         self.ids = []
+        self.tree = None
         self.forwards = 0
         self.tokens_processed = 0
 
     def rollback(self, tokens: Sequence[int], limit: int | None = None) -> int:
         """Crop the cache to the longest common prefix with `tokens` (at most `limit`); return its length."""
+        if self.tree is not None:
+            self._settle_tree(tokens)
         n = min(len(self.ids), len(tokens) if limit is None else min(limit, len(tokens)))
         i = 0
         ids = self.ids
@@ -70,6 +82,69 @@ class CachedLM:
         self.forwards += 1
         self.tokens_processed += len(new)
         return self._fit_vocab(out.logits[0])  # (n_logits, V)
+
+    @torch.inference_mode()
+    def score(self, tokens: Sequence[int], draft: Draft) -> torch.Tensor:
+        """Logits at the pending token tokens[-1], at each draft node and at each side node: (1 + K + S, V).
+
+        A chain is an ordinary forward; a tree (or any side nodes) gets a tree attention mask and position ids.
+        """
+        if draft.is_chain:
+            return self.forward(list(tokens) + draft.tokens, n_logits=len(draft.tokens) + 1)
+        if self.cache is None:
+            self.reset()
+        depths = draft.depths()
+        K = len(draft.tokens)
+        nodes = draft.tokens + draft.side_tokens
+        parents = (draft.parents if draft.parents is not None else list(range(-1, K - 1))) + draft.side_parents
+        keep = self.rollback(tokens, limit=len(tokens) - 1)
+        chain = list(tokens[keep:])  # the pending token, plus any committed tokens the cache lacks
+        m, n = len(chain), len(nodes)
+        Q = m + n
+        allowed = torch.zeros(Q, keep + Q, dtype=torch.bool)  # (Q, KV) True = may attend
+        allowed[:, :keep] = True
+        allowed[:m, keep:keep + m] = torch.ones(m, m, dtype=torch.bool).tril()
+        allowed[m:, keep:keep + m] = True
+        for i, a in enumerate(parents):  # a node sees its ancestors (rows already filled) and itself
+            if a >= 0:
+                allowed[m + i, keep + m:] = allowed[m + a, keep + m:]
+            allowed[m + i, keep + m + i] = True
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(1, 1, Q, keep + Q, dtype=dtype, device=self.device)  # (1, 1, Q, KV) additive
+        mask.masked_fill_(~allowed.to(self.device), torch.finfo(dtype).min)
+        pos = list(range(keep, keep + m)) + [keep + m - 1 + d for d in depths]
+        position_ids = torch.tensor([pos], dtype=torch.long, device=self.device)  # (1, Q)
+        input_ids = torch.tensor([chain + nodes], dtype=torch.long, device=self.device)  # (1, Q)
+        if self.model.config._attn_implementation not in ("sdpa", "eager"):
+            self.model.set_attn_implementation("sdpa")  # kernels that ignore a custom 4D mask would be wrong here
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=n + 1)
+        self.ids.extend(chain)
+        self.tree = (nodes, parents)
+        self.forwards += 1
+        self.tokens_processed += Q
+        return self._fit_vocab(out.logits[0])  # (1 + K + S, V)
+
+    def _settle_tree(self, tokens: Sequence[int]) -> None:
+        """Keep the KV entries of the tree path that matches `tokens` after ids; drop every other node."""
+        nodes, parents = self.tree
+        self.tree = None
+        base = len(self.ids)
+        path: list[int] = []
+        if self.ids == list(tokens[:base]):
+            at = -1
+            for t in tokens[base:]:
+                at = next((i for i, (x, a) in enumerate(zip(nodes, parents)) if a == at and x == t), None)
+                if at is None:
+                    break
+                path.append(at)
+        idx = torch.tensor(list(range(base)) + [base + i for i in path], dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is None or type(layer).__name__ != "DynamicLayer":
+                raise ValueError(f"token trees need a plain DynamicCache; got {type(layer).__name__}")
+            layer.keys = layer.keys.index_select(-2, idx)
+            layer.values = layer.values.index_select(-2, idx)
+        self.ids.extend(nodes[i] for i in path)
 
     @torch.inference_mode()
     def prefill(self, tokens: Sequence[int]) -> None:

@@ -148,7 +148,8 @@ def cmd_experiment(a) -> int:
     from verispec.experiments import egag
 
     egag.run(a.out, a.target, a.drafter, a.dataset, a.num_prompts, a.max_new_tokens,
-             a.conditions.split(",") if a.conditions else None, resume=a.resume)
+             a.conditions.split(",") if a.conditions else None, resume=a.resume,
+             backend=a.backend, drafter_backend=a.drafter_backend)
     print((Path(a.out) / "egag.md").read_text())
     return 0
 
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--target", required=True, help="registry name or local HF model folder")
     g.add_argument("--drafter", help="draft model (registry name or folder) for speculative methods")
-    g.add_argument("--method", help="ar | sd | nasd | pld | nasd+sd | rest | beam (default: sd with a drafter, "
+    g.add_argument("--method", help="ar | sd | nasd | pld | nasd+sd | rest | lookahead | beam (default: sd with a drafter, "
                                     "else ar)")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verify round (default 4)")
     g.add_argument("--policy", default="fixed", help="draft-length policy: fixed, egag, heuristic, confidence, adaedl")
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--conditions", help="comma-separated subset of greedy,T=0.7,T=1.0 (default all)")
     e.add_argument("--out", default="runs/egag")
     e.add_argument("--resume", action="store_true")
+    e.add_argument("--backend", default="auto", help="target (and default drafter) backend, as in bench")
+    e.add_argument("--drafter-backend", help="drafter backend (default: as --backend), e.g. fast-int8")
     e.set_defaults(func=cmd_experiment)
 
     from verispec.datastore_cli import register as register_datastore

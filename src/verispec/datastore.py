@@ -156,6 +156,25 @@ class Retrieval:
             alive &= C[:, j] == x
         return path
 
+    def tree(self, max_nodes: int, depth: int, stop_ids: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+        """REST's draft tree: the `max_nodes` most frequent nodes of the trie of continuations cut to `depth`
+        (ties: shallower first, then smaller token id), as (tokens, parents) with parents before children
+        (-1 = the context's last token). A node's count never exceeds its parent's, so the set is prefix-closed;
+        nothing is grown below a stop token."""
+        count: dict[tuple[int, ...], int] = {}
+        for row in self.continuations[:, :depth].tolist():
+            for j, t in enumerate(row):
+                if t == SEP:
+                    break
+                key = tuple(row[:j + 1])
+                count[key] = count.get(key, 0) + 1
+                if t in stop_ids:
+                    break
+        keep = sorted(count, key=lambda k: (-count[k], len(k), k))[:max_nodes]
+        keep.sort(key=lambda k: (len(k), k))  # parents first
+        index = {k: i for i, k in enumerate(keep)}
+        return [k[-1] for k in keep], [index.get(k[:-1], -1) for k in keep]
+
 
 _IDENTITIES: dict[int, tuple[weakref.ref, int, dict]] = {}
 

@@ -1,7 +1,8 @@
 """The speculative decoding loop: propose -> score -> verify -> commit -> adapt -> record.
 
-One target forward per round scores the pending token plus the K drafts (positions are implicit in the cache
-length: the target cache holds every committed token except the last). Autoregressive decoding is the same loop
+One target forward per round scores the pending token plus the K drafts (a chain, or a token tree with its own
+mask and positions; the target cache holds every committed token except the last). Side nodes a drafter asks to be
+scored in the same forward (Lookahead's window) are handed back to it unverified. Autoregressive decoding is the same loop
 with an empty draft, so every method's tokens are produced and counted by the same code.
 """
 
@@ -36,7 +37,8 @@ def decode(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, pr
         budget = max_new_tokens - (len(tokens) - len(prompt))
         draft = drafter.propose(tokens, min(policy.next_gamma(), budget - 1), policy, sampling, generator)
         t1 = time.perf_counter()
-        p = sampling.probs(target.forward(tokens + draft.tokens, n_logits=len(draft) + 1))  # (K+1, V)
+        logits = target.score(tokens, draft)  # (1 + K + S, V): pending token, K draft nodes, S side nodes
+        p = sampling.probs(logits[: len(draft.tokens) + 1])  # (K+1, V)
         result = verifier.verify(draft, p, generator)
         t2 = time.perf_counter()
         new = result.emitted(draft)[:budget]
@@ -45,6 +47,8 @@ def decode(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, pr
             new = new[: hit + 1]
         tokens.extend(new)
         target.rollback(tokens)  # the target cache keeps only committed tokens
+        if draft.side_tokens:
+            drafter.observe(draft, logits[len(draft.tokens) + 1:])  # (S, V)
         drafter.commit(tokens, draft, result)
         policy.update(draft, result)
         stats.steps.append(StepStats(len(draft), result.accepted, result.kind, len(new), t1 - t0, t2 - t1,

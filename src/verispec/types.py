@@ -16,18 +16,45 @@ import torch
 class Draft:
     """What a drafter proposes for one verify round.
 
-    tokens: the K draft token ids, in order (K may be 0).
+    tokens: the K draft token ids. For a chain, in order; for a token tree, one id per tree node.
     q: (K, V) the exact distributions each token was sampled from, after the same sampling transform as the
        target; None for deterministic drafters, which the verifier treats as one-hot.
     source: which drafter produced the tokens (for hybrid drafters' statistics).
+    parents: None for a chain; for a token tree, the parent node of each of the K nodes (-1 = the pending token,
+       i.e. the last committed token), every parent listed before its children. Siblings carry distinct tokens.
+    side_tokens / side_parents: extra nodes the target scores in the same forward without verifying them (e.g.
+       Lookahead decoding's Jacobi window); a parent index < K names a draft node, K + j the side node j, -1 the
+       pending token. Their logits go back to the drafter through `Drafter.observe`.
+
+    len(draft) is the number of positions drafted: K for a chain, the tree's depth for a tree.
     """
 
     tokens: list[int]
     q: torch.Tensor | None = None  # (K, V)
     source: str = ""
+    parents: list[int] | None = None
+    side_tokens: list[int] = field(default_factory=list)
+    side_parents: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        if self.parents is None:
+            return len(self.tokens)
+        return max(self.depths()[:len(self.tokens)], default=0)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents is None and not self.side_tokens
+
+    def depths(self) -> list[int]:
+        """Depth of each draft node then each side node (1 = child of the pending token)."""
+        K = len(self.tokens)
+        parents = (self.parents if self.parents is not None else list(range(-1, K - 1))) + self.side_parents
+        d: list[int] = []
+        for i, a in enumerate(parents):
+            if not -1 <= a < i:
+                raise ValueError(f"tree node {i} has parent {a}; parents must come before their children")
+            d.append(1 if a < 0 else d[a] + 1)
+        return d
 
 
 @dataclass
@@ -37,8 +64,11 @@ class VerifyResult:
     accepted: int
     token: int
     kind: str  # "recovered" (sampled from the residual) or "bonus" (all drafts accepted)
+    path: list[int] | None = None  # for a tree: the accepted node indices, root to leaf
 
     def emitted(self, draft: Draft) -> list[int]:
+        if self.path is not None:
+            return [draft.tokens[i] for i in self.path] + [self.token]
         return draft.tokens[: self.accepted] + [self.token]
 
 

@@ -4,6 +4,7 @@ target/drafter models and the method's options."""
 from verispec.drafters.base import Drafter, NoDrafter
 from verispec.drafters.draft_model import DraftModelDrafter
 from verispec.drafters.hybrid import HybridDrafter
+from verispec.drafters.lookahead import LookaheadDrafter
 from verispec.drafters.ngram import NGramDrafter
 from verispec.drafters.prompt_lookup import PromptLookupDrafter
 from verispec.drafters.rest import RestDrafter
@@ -16,7 +17,8 @@ DRAFTERS = {
     "pld": (PromptLookupDrafter.from_ctx, False),  # options: max_ngram_size, min_ngram_size, num_pred_tokens, ...
     "nasd+sd": (HybridDrafter.from_ctx, True),  # NASD options; min_context, min_count define a confident match
     "rest": (RestDrafter.from_ctx, False),  # options: datastore (required), max_suffix, min_suffix, max_occurrences
+    "lookahead": (LookaheadDrafter.from_ctx, False),  # options: window, ngram, guesses, pool_from_text, seed
 }
 
 __all__ = ["Drafter", "NoDrafter", "DraftModelDrafter", "NGramDrafter", "PromptLookupDrafter", "HybridDrafter",
-           "RestDrafter", "DRAFTERS"]
+           "RestDrafter", "LookaheadDrafter", "DRAFTERS"]

@@ -28,6 +28,9 @@ class Drafter:
                 generator: torch.Generator | None) -> Draft:
         raise NotImplementedError
 
+    def observe(self, draft: Draft, side_logits: torch.Tensor) -> None:
+        """Called with the target's (S, V) logits at the draft's side nodes, when it asked for any."""
+
     def commit(self, tokens: list[int], draft: Draft, result: VerifyResult) -> None:
         """Called after the round with the committed tokens (prompt + all output so far)."""
 

@@ -2,8 +2,9 @@
 
 He et al. 2024, "REST: Retrieval-Based Speculative Decoding" (NAACL 2024). The context's longest suffix (n_max
 down to n_min tokens) that occurs in the corpus is looked up in a suffix array; the continuations of its
-occurrences form a trie weighted by frequency. REST verifies a pruned tree of that trie; until verispec has tree
-verification this drafter proposes the trie's most frequent path as a chain of up to γ tokens
+occurrences form a trie weighted by frequency. As in the paper, `tree_nodes=N` proposes the N most frequent nodes
+of that trie (depth ≤ γ) as a token tree, verified in one forward with a tree mask (`verifiers/tree.py`);
+`tree_nodes=0` (the default) proposes the trie's most frequent path as a chain of up to γ tokens
 (`verispec.datastore.Retrieval.chain`).
 
 The draft is a deterministic function of the context, so it is returned with q = None (one-hot) and the shared
@@ -19,18 +20,19 @@ from pathlib import Path
 from verispec.datastore import Datastore
 from verispec.drafters.base import Drafter
 from verispec.types import Draft
-from verispec.validate import check_known
+from verispec.validate import check_int, check_known
 
 
 class RestDrafter(Drafter):
     name = "rest"
-    OPTIONS = ("datastore", "max_suffix", "min_suffix", "max_occurrences")
+    OPTIONS = ("datastore", "max_suffix", "min_suffix", "max_occurrences", "tree_nodes")
 
     def __init__(self, datastore: Datastore, *, max_suffix: int = 16, min_suffix: int = 2,
-                 max_occurrences: int = 256, stop_ids: frozenset[int] = frozenset()):
+                 max_occurrences: int = 256, tree_nodes: int = 0, stop_ids: frozenset[int] = frozenset()):
         for k, v in (("max_suffix", max_suffix), ("min_suffix", min_suffix), ("max_occurrences", max_occurrences)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"REST option {k} must be an integer >= 1, got {v!r}")
+        self.tree_nodes = check_int("tree_nodes", tree_nodes, 0)
         if min_suffix > max_suffix:
             raise ValueError(f"REST min_suffix ({min_suffix}) must not exceed max_suffix ({max_suffix})")
         self.datastore = datastore
@@ -47,6 +49,9 @@ class RestDrafter(Drafter):
                                     max_occurrences=self.max_occurrences)
         self.lookups += 1
         self.matched_lengths[r.n] = self.matched_lengths.get(r.n, 0) + 1
+        if self.tree_nodes:
+            x, parents = r.tree(self.tree_nodes, gamma, self.stop_ids)
+            return Draft(x, None, self.name, parents=parents)
         x: list[int] = []
         for i, t in enumerate(r.chain()[:gamma]):
             x.append(t)
@@ -57,9 +62,12 @@ class RestDrafter(Drafter):
     @classmethod
     def from_ctx(cls, ctx) -> RestDrafter:
         """Registry factory. Options (extra keyword arguments of verispec.generate): datastore (required: a .npz
-        built by `verispec datastore build`, or a Datastore), max_suffix, min_suffix, max_occurrences."""
+        built by `verispec datastore build`, or a Datastore; for a registry model it defaults to the Python
+        standard library's source, built once and cached), max_suffix, min_suffix, max_occurrences, tree_nodes."""
         opts = dict(check_known(ctx.options, "rest", cls.OPTIONS))
         src = opts.pop("datastore", None)
+        if src is None and ctx.target.tokenizer is not None:
+            src = default_datastore(ctx.target)
         if src is None:
             raise ValueError("method 'rest' needs a datastore: pass datastore='path.npz' (build one with "
                              "`verispec datastore build --target MODEL --corpus stdlib --out path.npz`)")
@@ -67,3 +75,20 @@ class RestDrafter(Drafter):
         ds.check_compatible(ctx.target.tokenizer, ctx.target.vocab_size)
         return cls(ds, stop_ids=ctx.stop_ids, **opts)
 
+
+
+def default_datastore(target) -> Path | None:
+    """For a registry model: the stdlib-source datastore in the verispec cache, built on first use (about a
+    minute for Qwen's tokenizer) and written atomically; None for other models (no default corpus fits them)."""
+    from verispec.datastore import build_datastore_file, log
+    from verispec.models.registry import REGISTRY
+    from verispec.models.store import cache_root
+
+    if target.name not in REGISTRY:
+        return None
+    path = cache_root() / "datastores" / f"{target.name}-stdlib.npz"
+    if not path.exists():
+        log(f"building the default REST datastore (Python stdlib source) for {target.name} at {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_datastore_file(target.tokenizer, "stdlib", path, target=target.name, progress=log)
+    return path

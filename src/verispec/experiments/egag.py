@@ -44,7 +44,8 @@ CONDITIONS = {"greedy": Sampling(), "T=0.7": Sampling(temperature=0.7, seed=0),
 
 def run(out_dir: str | Path = "runs/egag", target: str = "qwen2.5-coder-1.5b", drafter: str = "qwen2.5-coder-0.5b",
         dataset: str = "humaneval,nl", num_prompts: int = 4, max_new_tokens: int = 48,
-        conditions: list[str] | None = None, resume: bool = False, progress: bool = True) -> dict:
+        conditions: list[str] | None = None, resume: bool = False, progress: bool = True,
+        backend: str = "auto", drafter_backend: str | None = None) -> dict:
     from verispec.bench.runner import run_bench
 
     out = Path(out_dir)
@@ -56,10 +57,11 @@ def run(out_dir: str | Path = "runs/egag", target: str = "qwen2.5-coder-1.5b", d
     for i, c in enumerate(conditions):
         summaries[c] = run_bench(target, drafter, ",".join(methods_for(c)), dataset, num_prompts, max_new_tokens,
                                  4, CONDITIONS[c], out / c.replace("=", ""), cost_model=(i == 0), resume=resume,
-                                 progress=progress)
+                                 backend=backend, drafter_backend=drafter_backend, progress=progress)
     result = {"conditions": summaries, "config": {"target": target, "drafter": drafter, "dataset": dataset,
                                                   "num_prompts": num_prompts, "max_new_tokens": max_new_tokens,
-                                                  "conditions": conditions, "main": MAIN, "sweep": SWEEP,
+                                                  "conditions": conditions, "backend": backend,
+                                                  "drafter_backend": drafter_backend or backend, "main": MAIN, "sweep": SWEEP,
                                                   "ablations": ABLATIONS}}
     (out / "egag.json").write_text(json.dumps(result, indent=1))
     (out / "egag.md").write_text(report(result, out))

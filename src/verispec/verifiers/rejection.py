@@ -5,6 +5,7 @@ For draft token x_i ~ q_i: keep it with probability min(1, p_i(x_i) / q_i(x_i)) 
 first rejection sample the *recovered* token from norm(max(0, p_i - q_i)) and drop the rest; if all K drafts pass,
 sample the *bonus* token from p_{K+1}. Greedy decoding needs no separate path: with one-hot p and q the rule accepts
 exactly when the draft equals the target argmax, and the residual is the target argmax.
+Token trees (`draft.parents` set) go to the tree rule in `verifiers/tree.py`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from verispec.sampling import sample
 from verispec.types import Draft, VerifyResult
+from verispec.verifiers.tree import verify_tree
 
 
 class RejectionVerifier:
@@ -20,7 +22,9 @@ class RejectionVerifier:
     lossless = True
 
     def verify(self, draft: Draft, p: torch.Tensor, generator: torch.Generator | None) -> VerifyResult:
-        """p: (K+1, V) target probabilities at the pending token and after each draft token."""
+        """p: (K+1, V) target probabilities at the pending token and after each draft token (or tree node)."""
+        if draft.parents is not None:
+            return verify_tree(draft, p, generator)
         K = len(draft)
         if K:
             x = torch.tensor(draft.tokens, dtype=torch.long)  # (K,)

@@ -1,0 +1,170 @@
+"""Token trees: the tree forward (4D mask + position ids) against sequential decoding, the KV cache after a tree
+round against a fresh computation, and the tree verifier's output law (with a negative control that must fail)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from verispec.cache import CachedLM
+from verispec.drafters.base import Drafter
+from verispec.engine import decode
+from verispec.policies import FixedGamma
+from verispec.sampling import Sampling, sample
+from verispec.types import Draft
+from verispec.verifiers import RejectionVerifier
+from verispec.verifiers.tree import verify_tree
+from tests.conftest import tiny_llama
+from tests.test_distribution import V, chi2_pvalue, models
+from tests.test_ngram import exact_law
+
+PREFIX = [3, 17, 42, 5, 9, 11, 2]
+# node:        0   1   2   3   4   5   6
+TREE_TOKENS = [8, 30, 8, 12, 30, 4, 8]
+TREE_PARENTS = [-1, -1, 0, 0, 2, 1, 5]  # two roots; node 2 repeats node 0's token one level deeper
+SIDE_TOKENS = [40, 41, 42, 7]
+SIDE_PARENTS = [-1, 7, 8, 1]  # a chain of side nodes under the pending token, and one under draft node 1
+
+
+def chain_of(i: int, tokens: list[int], parents: list[int]) -> list[int]:
+    out = []
+    while i >= 0:
+        out.append(tokens[i])
+        i = parents[i]
+    return out[::-1]
+
+
+def fresh_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1]  # (V,)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(64, seed=3, layers=2)
+
+
+def tree_draft() -> Draft:
+    return Draft(TREE_TOKENS, None, "test", parents=TREE_PARENTS, side_tokens=SIDE_TOKENS, side_parents=SIDE_PARENTS)
+
+
+@pytest.mark.parametrize("cached", [0, 4, 6])
+def test_tree_forward_equals_sequential_decoding(model, cached):
+    """Every node's logits equal a fresh forward of prefix + its ancestors + itself; also with part of the
+    committed text missing from the cache (it is fed as a chain before the tree)."""
+    lm = CachedLM(model)
+    lm.reset()
+    if cached:
+        lm.prefill(PREFIX[:cached])
+    d = tree_draft()
+    logits = lm.score(PREFIX, d)  # (1 + K + S, V)
+    assert logits.shape == (1 + len(TREE_TOKENS) + len(SIDE_TOKENS), 64)
+    assert torch.allclose(logits[0], fresh_logits(model, PREFIX), atol=1e-5)
+    nodes, parents = d.tokens + d.side_tokens, d.parents + d.side_parents
+    for i in range(len(nodes)):
+        ref = fresh_logits(model, PREFIX + chain_of(i, nodes, parents))
+        assert torch.allclose(logits[1 + i], ref, atol=1e-5), i
+    assert len(d) == 3 and d.depths() == [1, 1, 2, 2, 3, 2, 3, 1, 2, 3, 2]
+
+
+@pytest.mark.parametrize("committed_nodes, extra", [([], [55]), ([0], [55]), ([0, 2, 4], [55]), ([1, 5, 6], [1]),
+                                                    ([0, 3], [])])
+def test_cache_after_a_tree_round_equals_a_fresh_one(model, committed_nodes, extra):
+    """Keep the matching path's KV entries, drop the rest: the next forward equals a fresh computation."""
+    lm = CachedLM(model)
+    lm.reset()
+    lm.prefill(PREFIX[:-1])
+    lm.score(PREFIX, tree_draft())
+    committed = PREFIX + [TREE_TOKENS[i] for i in committed_nodes] + extra
+    assert lm.rollback(committed) == len(PREFIX) + len(committed_nodes)
+    assert lm.cache.get_seq_length() == len(lm.ids) == len(PREFIX) + len(committed_nodes)
+    nxt = committed + [21, 22]
+    out = lm.forward(nxt, n_logits=3)  # (3, V)
+    for j in range(3):
+        assert torch.allclose(out[j], fresh_logits(model, nxt[:len(nxt) - 2 + j]), atol=1e-5)
+
+
+def test_side_node_on_the_committed_path_is_kept(model):
+    """A side node whose ancestors are all committed holds valid KV entries too (Lookahead's level 0)."""
+    lm = CachedLM(model)
+    lm.reset()
+    lm.prefill(PREFIX[:-1])
+    lm.score(PREFIX, tree_draft())
+    assert lm.rollback(PREFIX + [40, 41, 9]) == len(PREFIX) + 2
+
+
+def test_greedy_tree_walk_follows_the_argmax(model):
+    """One-hot p: the verifier keeps the child equal to the argmax at every node and emits the next argmax."""
+    d = Draft(TREE_TOKENS, None, "t", parents=TREE_PARENTS)
+    p = torch.zeros(1 + len(TREE_TOKENS), 64)
+    for row, best in {0: 30, 2: 7, 6: 8, 7: 50}.items():  # row 1 + i holds node i's next-token law
+        p[row, best] = 1.0
+    p[1:, 0] += 1.0 * (p[1:].sum(-1) == 0)  # rows not set above: argmax token 0
+    r = verify_tree(d, p, torch.Generator().manual_seed(0))
+    assert r.path == [1] and r.accepted == 1 and r.token == 7 and r.kind == "recovered"  # node 5 (4) != 7
+    p[2] = 0
+    p[2, 4] = 1.0  # now node 1's argmax is its child 5 (token 4), whose argmax is its child 6 (token 8)
+    r = verify_tree(d, p, torch.Generator().manual_seed(0))
+    assert r.path == [1, 5, 6] and r.emitted(d) == [30, 4, 8, 50] and r.kind == "bonus"
+
+
+class FixedTreeDrafter(Drafter):
+    """Proposes the same token tree every round (over the 8-token vocabulary of test_distribution's models)."""
+
+    name = "tree"
+    tokens = [5, 2, 1, 2, 7]
+    parents = [-1, -1, 0, 0, 1]
+
+    def propose(self, tokens, gamma, policy, sampling, generator):
+        keep = [i for i, dep in enumerate(Draft(self.tokens, parents=self.parents).depths()) if dep <= gamma]
+        return Draft([self.tokens[i] for i in keep], None, self.name, parents=[self.parents[i] for i in keep])
+
+
+class RecoverFromTarget(RejectionVerifier):
+    """Broken on purpose: after rejecting every child, samples from p instead of p without the rejected tokens."""
+
+    def verify(self, draft, p, generator):
+        r = super().verify(draft, p, generator)
+        if r.kind == "recovered":
+            r.token = sample(p[(r.path[-1] + 1) if r.path else 0], generator)
+        return r
+
+
+PROMPT3 = [1, 5, 2, 1, 5, 2]
+T1 = Sampling(temperature=1.0, seed=4)
+
+
+def draw_tree(verifier, n_draws: int) -> tuple[np.ndarray, int]:
+    target, _ = models()
+    lm = CachedLM(target)
+    g = torch.Generator().manual_seed(T1.seed)
+    counts, accepted = np.zeros(V ** 3), 0
+    for _ in range(n_draws):
+        ids, s = decode(lm, FixedTreeDrafter(), verifier, FixedGamma(2), PROMPT3, max_new_tokens=3, sampling=T1,
+                        stop_ids=frozenset(), method="tree", generator=g)
+        counts[int(np.ravel_multi_index(ids, (V,) * 3))] += 1
+        accepted += s.accepted
+    return counts, accepted
+
+
+def test_tree_samples_follow_the_target():
+    counts, accepted = draw_tree(RejectionVerifier(), 6000)
+    assert accepted > 2000  # the tree's nodes are really kept, at several depths
+    assert chi2_pvalue(counts, exact_law(models()[0], T1, PROMPT3, 3)) > 1e-3
+
+
+def test_a_tree_verifier_that_forgets_rejected_children_is_detected():
+    counts, _ = draw_tree(RecoverFromTarget(), 2000)
+    assert chi2_pvalue(counts, exact_law(models()[0], T1, PROMPT3, 3)) < 1e-6
+
+
+def test_sampled_trees_are_refused():
+    d = Draft([1, 2], torch.full((2, 8), 1 / 8), "t", parents=[-1, -1])
+    with pytest.raises(ValueError, match="deterministic"):
+        verify_tree(d, torch.full((3, 8), 1 / 8), None)
+
+
+def test_parents_must_come_first():
+    with pytest.raises(ValueError, match="parents must come before"):
+        Draft([1, 2], parents=[1, -1]).depths()
