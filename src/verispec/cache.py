@@ -30,8 +30,11 @@ def output_width(model: torch.nn.Module) -> int:
 class CachedLM:
     """One HF causal LM, batch size 1, plus a DynamicCache and forward/token counters."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None):
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, head=None):
         self.model = model
+        # Optional replacement output layer: hidden (n, H) -> logits (n, vocab_size), run after the model's body
+        # (e.g. a drafter's vocabulary-trimmed head). None = the model's own forward.
+        self.head = head
         self.device = next(model.parameters()).device
         # Width of the distributions handed to the verifier: logits are padded (-inf) or cut to it, so a drafter
         # whose embedding table is padded differently from the target's still speaks the target's vocabulary.
@@ -77,11 +80,17 @@ class CachedLM:
         keep = self.rollback(tokens, limit=len(tokens) - n_logits)  # positions we need logits for are re-fed
         new = list(tokens[keep:])
         input_ids = torch.tensor([new], dtype=torch.long, device=self.device)  # (1, T)
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=n_logits)
+        if self.head is not None:
+            hidden = self.model.get_decoder()(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
+            logits = self.head(hidden.last_hidden_state[0, -n_logits:])  # (n_logits, V)
+        else:
+            out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=n_logits)
+            logits = out.logits[0]  # (n_logits, V)
         self.ids.extend(new)
         self.forwards += 1
         self.tokens_processed += len(new)
-        return self._fit_vocab(out.logits[0])  # (n_logits, V)
+        return self._fit_vocab(logits)
 
     @torch.inference_mode()
     def score(self, tokens: Sequence[int], draft: Draft) -> torch.Tensor:

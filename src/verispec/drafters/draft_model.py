@@ -4,6 +4,10 @@ Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decodin
 "Accelerating Large Language Model Decoding with Speculative Sampling". Each draft token x_i is sampled from
 q_i = transform(drafter logits) with the *same* sampling transform as the target, and exactly that q_i is handed
 to the verifier (HF #47932 broke losslessness by returning a distribution it had not sampled from).
+
+Option `draft_vocab=K` makes the drafter cheaper by computing logits for only the K most frequent tokens (FR-Spec,
+`drafters/trimmed_head.py`); the frequencies come from `vocab_corpus` (a REST datastore .npz) or, for a registry
+model, from the default stdlib datastore. Still lossless: q is zero outside those tokens and is what was sampled.
 """
 
 from __future__ import annotations
@@ -14,20 +18,23 @@ from verispec.cache import CachedLM
 from verispec.drafters.base import Drafter
 from verispec.sampling import sample
 from verispec.types import Draft
-from verispec.validate import check_known
+from verispec.validate import check_int, check_known
 
 
 class DraftModelDrafter(Drafter):
     name = "draft_model"
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, stop_ids: frozenset[int] = frozenset()):
-        self.lm = CachedLM(model, vocab_size)
+    OPTIONS = ("draft_vocab", "vocab_corpus")
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, stop_ids: frozenset[int] = frozenset(),
+                 head: torch.nn.Module | None = None):
+        self.lm = CachedLM(model, vocab_size, head=head)
         self.stop_ids = stop_ids
 
     @classmethod
     def from_ctx(cls, ctx) -> "DraftModelDrafter":
-        check_known(ctx.options, "sd", ())
-        return cls(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids)
+        opts = check_known(ctx.options, "sd", cls.OPTIONS)
+        return cls(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids, head=head_for(ctx, **opts))
 
     @property
     def forwards(self) -> int:
@@ -57,3 +64,30 @@ class DraftModelDrafter(Drafter):
 
     def commit(self, tokens, draft, result):
         self.lm.rollback(tokens)  # drop the rejected drafts' KV entries now
+
+
+def head_for(ctx, draft_vocab: int = 0, vocab_corpus=None) -> torch.nn.Module | None:
+    """The drafter's trimmed output layer for `draft_vocab` tokens (None = its own full layer), built once per
+    drafter model, size and corpus."""
+    from verispec.drafters.trimmed_head import token_counts, top_ids, trimmed_head
+
+    K = check_int("draft_vocab", draft_vocab, 0)
+    V = ctx.target.vocab_size
+    if K == 0 or K >= V:
+        if vocab_corpus is not None:
+            raise ValueError("vocab_corpus is used only with draft_vocab=K (0 < K < vocabulary size)")
+        return None
+    if vocab_corpus is None:
+        from verispec.drafters.rest import default_datastore
+
+        vocab_corpus = default_datastore(ctx.target)
+        if vocab_corpus is None:
+            raise ValueError("draft_vocab needs token frequencies: pass vocab_corpus='datastore.npz' (built by "
+                             "`verispec datastore build`); only registry models have a default corpus")
+    model = ctx.drafter.model
+    cache = model.__dict__.setdefault("_verispec_trimmed_heads", {})
+    key = (K, str(vocab_corpus) if not hasattr(vocab_corpus, "T") else id(vocab_corpus))
+    if key not in cache:
+        ids = top_ids(token_counts(vocab_corpus, V), K, ctx.stop_ids)
+        cache[key] = trimmed_head(model, ids, V, ctx.drafter.backend)
+    return cache[key]
