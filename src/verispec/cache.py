@@ -103,9 +103,8 @@ class CachedLM:
         if self.cache is None:
             self.reset()
         depths = draft.depths()
-        K = len(draft.tokens)
         nodes = draft.tokens + draft.side_tokens
-        parents = (draft.parents if draft.parents is not None else list(range(-1, K - 1))) + draft.side_parents
+        parents = draft.node_parents()
         keep = self.rollback(tokens, limit=len(tokens) - 1)
         chain = list(tokens[keep:])  # the pending token, plus any committed tokens the cache lacks
         m, n = len(chain), len(nodes)
@@ -135,18 +134,18 @@ class CachedLM:
         return self._fit_vocab(out.logits[0])  # (1 + K + S, V)
 
     def _settle_tree(self, tokens: Sequence[int]) -> None:
-        """Keep the KV entries of the tree path that matches `tokens` after ids; drop every other node."""
+        """Keep the KV entries of the tree path that matches `tokens` after ids; drop every other node. (If ids
+        itself disagrees with `tokens`, the prefix crop that follows in rollback drops the kept path too.)"""
         nodes, parents = self.tree
         self.tree = None
         base = len(self.ids)
         path: list[int] = []
-        if self.ids == list(tokens[:base]):
-            at = -1
-            for t in tokens[base:]:
-                at = next((i for i, (x, a) in enumerate(zip(nodes, parents)) if a == at and x == t), None)
-                if at is None:
-                    break
-                path.append(at)
+        at = -1
+        for t in tokens[base:]:
+            at = next((i for i, (x, a) in enumerate(zip(nodes, parents)) if a == at and x == t), None)
+            if at is None:
+                break
+            path.append(at)
         idx = torch.tensor(list(range(base)) + [base + i for i in path], dtype=torch.long, device=self.device)
         for layer in self.cache.layers:
             if getattr(layer, "keys", None) is None or type(layer).__name__ != "DynamicLayer":

@@ -2,8 +2,8 @@
 
 One target forward per round scores the pending token plus the K drafts (a chain, or a token tree with its own
 mask and positions; the target cache holds every committed token except the last). Side nodes a drafter asks to be
-scored in the same forward (Lookahead's window) are handed back to it unverified. Autoregressive decoding is the same loop
-with an empty draft, so every method's tokens are produced and counted by the same code.
+scored in the same forward (Lookahead's window) are handed back to it unverified. Autoregressive decoding is the
+same loop with an empty draft, so every method's tokens are produced and counted by the same code.
 """
 
 from __future__ import annotations

@@ -45,12 +45,15 @@ class Draft:
     def is_chain(self) -> bool:
         return self.parents is None and not self.side_tokens
 
+    def node_parents(self) -> list[int]:
+        """Parent of each draft node then each side node (a chain's nodes are each other's parents)."""
+        K = len(self.tokens)
+        return (self.parents if self.parents is not None else list(range(-1, K - 1))) + self.side_parents
+
     def depths(self) -> list[int]:
         """Depth of each draft node then each side node (1 = child of the pending token)."""
-        K = len(self.tokens)
-        parents = (self.parents if self.parents is not None else list(range(-1, K - 1))) + self.side_parents
         d: list[int] = []
-        for i, a in enumerate(parents):
+        for i, a in enumerate(self.node_parents()):
             if not -1 <= a < i:
                 raise ValueError(f"tree node {i} has parent {a}; parents must come before their children")
             d.append(1 if a < 0 else d[a] + 1)

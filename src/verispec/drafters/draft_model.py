@@ -86,7 +86,9 @@ def head_for(ctx, draft_vocab: int = 0, vocab_corpus=None) -> torch.nn.Module | 
                              "`verispec datastore build`); only registry models have a default corpus")
     model = ctx.drafter.model
     cache = model.__dict__.setdefault("_verispec_trimmed_heads", {})
-    key = (K, str(vocab_corpus) if not hasattr(vocab_corpus, "T") else id(vocab_corpus))
+    from verispec.datastore import Datastore
+
+    key = (K, id(vocab_corpus) if isinstance(vocab_corpus, Datastore) else str(vocab_corpus))
     if key not in cache:
         ids = top_ids(token_counts(vocab_corpus, V), K, ctx.stop_ids)
         cache[key] = trimmed_head(model, ids, V, ctx.drafter.backend)

@@ -76,7 +76,6 @@ class RestDrafter(Drafter):
         return cls(ds, stop_ids=ctx.stop_ids, **opts)
 
 
-
 def default_datastore(target) -> Path | None:
     """For a registry model: the stdlib-source datastore in the verispec cache, built on first use (about a
     minute for Qwen's tokenizer) and written atomically; None for other models (no default corpus fits them)."""

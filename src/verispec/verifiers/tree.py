@@ -23,9 +23,8 @@ def verify_tree(draft: Draft, p: torch.Tensor, generator: torch.Generator | None
     if draft.q is not None:
         raise ValueError("tree verification here takes deterministic drafts (q=None); sampled trees need the "
                          "SpecInfer residual over q, which is not implemented")
-    parents = draft.parents if draft.parents is not None else list(range(-1, len(draft.tokens) - 1))
     children: dict[int, list[int]] = {}
-    for i, a in enumerate(parents):
+    for i, a in enumerate(draft.node_parents()[:len(draft.tokens)]):
         children.setdefault(a, []).append(i)
     at, path = -1, []
     while True:
