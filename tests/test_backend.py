@@ -302,7 +302,8 @@ def test_measure_command_on_a_local_model(tmp_path, capsys):
     assert "greedy identical across backends: True" in text and "| fast |" in text and "T(4)/T(1)" in text
 
 
-@pytest.mark.parametrize("name, force", [("fast", False), ("fast", True), ("fast-bf16", False), ("fast-int8", False)])
+@pytest.mark.parametrize("name, force", [("fast", False), ("fast", True), ("fast-bf16", False), ("fast-int8", False),
+                                         ("fast-int4", False)])
 def test_file_mapped_weights_are_released(tmp_path, name, force):
     """A model loaded from safetensors maps the file; after conversion the mapping is gone (RSS not doubled)."""
     torch.manual_seed(4)
@@ -346,7 +347,7 @@ def test_bf16_linear_is_close_to_fp32(force_fallback, bias):
         assert 0 < err < 2e-2  # bf16 rounding of weights and inputs: visibly lossy, but small
 
 
-@pytest.mark.parametrize("name", ["fast-bf16", "fast-int8"])
+@pytest.mark.parametrize("name", ["fast-bf16", "fast-int8", "fast-int4"])
 def test_lossy_drafter_backends_keep_target_output(pair, name):
     target, drafter = pair
     ref_ar = greedy(target.model)

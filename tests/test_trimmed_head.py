@@ -20,18 +20,20 @@ from tests.test_ngram import GREEDY_PROMPT, ar
 from verispec.sampling import Sampling
 
 
-@pytest.mark.parametrize("backend", ["torch", "fast"])
+@pytest.mark.parametrize("backend", ["torch", "fast", "fast-int4"])
 def test_trimmed_logits_equal_the_full_layer_on_the_kept_tokens(backend):
     model = tiny_llama(64, seed=4)
     h = torch.randn(3, 32)  # (n, H)
-    with torch.no_grad():
-        full = model.lm_head(h)  # (n, V) before any backend
     apply_backend(model, backend)
+    with torch.no_grad():
+        full = model.lm_head(h)  # (n, V) the layer as the backend computes it
     ids = torch.tensor([0, 5, 9, 33, 63])
     head = trimmed_head(model, ids, 64, backend)
     with torch.no_grad():
         out = head(h)  # (n, V)
-    assert torch.allclose(out[:, ids], full[:, ids], atol=1e-5)
+    # exact for fp32 backends; int4 re-quantizes the probed (bf16-rounded) weights: equal up to bf16 rounding
+    tol = 1e-5 if backend in ("torch", "fast") else 2e-2 * float(full.abs().max())
+    assert torch.allclose(out[:, ids], full[:, ids], atol=tol)
     rest = torch.ones(64, dtype=torch.bool)
     rest[ids] = False
     assert torch.isneginf(out[:, rest]).all()

@@ -59,7 +59,7 @@ def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool =
     """source: LoadedModel | nn.Module | registry name | local folder with an HF causal LM.
 
     backend: how the linear layers run ("auto" = the fast packed fp32 path on CPU, "torch" = as transformers
-    built it, "fast-bf16"/"fast-int8" = reduced-precision weights, meant for drafters). It is applied to models
+    built it, "fast-bf16"/"fast-int8"/"fast-int4" = reduced-precision weights, meant for drafters). It is applied to models
     verispec loads itself; a model object you pass in is changed only when you name a backend other than "auto".
     """
     if isinstance(source, LoadedModel):

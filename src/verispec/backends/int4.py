@@ -1,0 +1,136 @@
+"""Backend "fast-int4": weight-only 4-bit linears (group-wise affine int4 weights, bf16 activations) — the cheapest
+drafter on this CPU.
+
+Lossy by design, like "fast-int8": a drafter's distribution only decides how many drafts the target accepts, never
+what the output is. Applied to a target, the target *is* the quantized model (name it so in outputs).
+
+Why int4: one drafted token is a 1-row forward, and a 1-row forward of a 0.5B model is bound by memory bandwidth —
+every weight byte is read once per token. Measured on this machine (2 cores, weights not in cache, 24 Qwen2.5-0.5B
+MLP blocks): fp32 packed 41 ms, dynamic int8 13 ms, this int4 kernel 7 ms. The kernel is PyTorch's own CPU
+weight-only int4 GEMM (`aten._weight_int4pack_mm_for_cpu`, the path torchao's int4 weight-only config and gpt-fast
+use); it is fast only with bf16 activations (its fp32-activation path was ~50x slower here), so each linear rounds
+its input to bf16, accumulates in fp32 inside the kernel and returns fp32. It is not flat in rows (16 rows cost ~7x
+one row), which suits a drafter (one row per drafted token) and not a verifier.
+
+Quantization (after Frantar et al. / gpt-fast's group-wise scheme): each output row is cut into groups of
+`group_size` input columns; a group's weights map to q in 0..15 by w ≈ q·s + m with s = (max − min)/15, m = min
+(the kernel's convention is w = (q − 8)·s + z, so z = m + 8s). Scales and zero points are stored in bf16.
+Memory: 0.5 byte per weight plus 4 bytes per group (≈ 0.63 B/weight at group 32), against 4 B for fp32.
+
+Kernel constraints: the output width must be a multiple of 16 (rows are zero-padded and the padding sliced off) and
+the input width a multiple of the group size (32, 64, 128 or 256); a layer that cannot meet them, or whose probe
+disagrees with its own dequantized weights, stays an fp32 `FastLinear`. Where the kernel is missing altogether the
+backend falls back to "fast-int8" (see `verispec.backends.apply_backend`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
+DEFAULT_GROUP_SIZE = 32  # smallest error; measured no slower than 64 or 128 for a 1-row forward
+
+
+def _kernel_ok() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+
+
+@functools.lru_cache(maxsize=1)
+def int4_available() -> bool:
+    """Whether this torch build runs the CPU int4 weight-only kernel (probed once on a 16 x 32 layer)."""
+    if not _kernel_ok():
+        return False
+    try:
+        lin = nn.Linear(32, 16, bias=False)
+        q = Int4Linear.from_linear(lin)
+        return q is not None
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """(M, K) bf16 @ packed int4 (N_pad, K) -> (M, N_pad) bf16: PyTorch's CPU weight-only int4 GEMM."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+
+
+def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Affine 4-bit group quantization of a (N, K) weight: q (N, K) int32 in 0..15, scale (N, K/g), min (N, K/g).
+
+    The dequantized weight is q * scale + min, group by group. Computed in fp32; the scale is rounded to bf16 first
+    (that is how the kernel stores it) so q is chosen against the scale actually used.
+    """
+    N, K = weight.shape
+    w = weight.detach().float().reshape(N, K // group_size, group_size)  # (N, G, g)
+    lo, hi = w.amin(-1), w.amax(-1)  # (N, G)
+    scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()  # (N, G)
+    lo = lo.to(torch.bfloat16).float()
+    q = torch.clamp(torch.round((w - lo[..., None]) / scale[..., None]), 0, 15).to(torch.int32)  # (N, G, g)
+    return q.reshape(N, K), scale, lo
+
+
+class Int4Linear(nn.Module):
+    """y = x Wᵀ + b with W stored as packed 4-bit groups (weight-only int4, bf16 activations, fp32 output)."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, out_features: int, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", packed)  # opaque kernel layout, uint8, (N_pad, K / 2)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K / g, N_pad, 2) bf16
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # (N,) fp32
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, lin: nn.Module, group_size: int = DEFAULT_GROUP_SIZE,
+                    verify: bool = True) -> "Int4Linear | None":
+        """Quantize an fp32 nn.Linear; None when the kernel cannot take it (shape) or its probe disagrees."""
+        weight = lin.weight.detach()
+        N, K = weight.shape
+        if group_size not in GROUP_SIZES or K % group_size or not _kernel_ok():
+            return None
+        q, scale, lo = quantize_groups(weight, group_size)  # (N, K), (N, G), (N, G)
+        pad = -N % 16  # the kernel packs output rows in blocks of 16
+        if pad:
+            q = torch.cat([q, q.new_zeros(pad, K)])
+            scale, lo = torch.cat([scale, scale.new_ones(pad, scale.shape[1])]), torch.cat([lo, lo.new_zeros(pad, lo.shape[1])])
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+        zero = lo + 8 * scale  # kernel convention: w = (q - 8) * scale + zero
+        sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N_pad, 2)
+        bias = None if lin.bias is None else lin.bias.detach().float().clone()
+        layer = cls(packed, sz, bias, K, N, group_size)
+        if verify:
+            deq = (q[:N].reshape(N, -1, group_size).float() * scale[:N, :, None] + lo[:N, :, None]).reshape(N, K)
+            x = torch.randn(2, K, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).float()  # (2, K)
+            try:
+                got = layer(x)  # (2, N)
+            except (RuntimeError, NotImplementedError):
+                return None
+            ref = torch.nn.functional.linear(x, deq, bias)  # (2, N)
+            if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()) + 1e-6):
+                return None
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, K = self.out_features, self.in_features
+        if x.shape[-1] != K:
+            raise RuntimeError(f"Int4Linear: input has {x.shape[-1]} features, layer expects {K}")
+        lead = x.shape[:-1]
+        out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+        x2 = x.reshape(-1, K).to(torch.bfloat16, memory_format=torch.contiguous_format)  # (M, K): the fast path
+        if x2.shape[0] == 0:
+            return x.new_zeros(*lead, N, dtype=out_dtype)
+        y = _int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros)  # (M, N_pad) bf16
+        if y.shape[1] != N:
+            y = y[:, :N]  # (M, N) drop the rows padded to a multiple of 16
+        y = y.to(out_dtype)  # (M, N) a new tensor: the bias is added in place
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*lead, N)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}")
