@@ -93,7 +93,7 @@ def test_samples_follow_the_target():
 
 def test_a_biased_recovery_is_detected_with_copied_drafts():
     target, _ = models()
-    counts, _, _ = draw(target, PromptLookupDrafter(), T1, 1000, PLD_PROMPT, 3, verifier=ResidualIsTarget())
+    counts, _, _ = draw(target, PromptLookupDrafter(), T1, 4000, PLD_PROMPT, 3, verifier=ResidualIsTarget())
     assert chi2_pvalue(counts, exact_law(target, T1, PLD_PROMPT, 3)) < 1e-6
 
 

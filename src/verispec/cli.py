@@ -193,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--humaneval", type=int, metavar="I", help="use HumanEval prompt number I (0-163)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text + stats")
     g.add_argument("--backend", default="auto", help="auto (fast packed fp32 linears on CPU), torch, fast, or "
-                                                    "the explicitly lossy fast-bf16 / fast-int8")
-    g.add_argument("--drafter-backend", help="drafter backend (default: as --backend), e.g. fast-int8")
+                                                    "the explicitly lossy fast-bf16 / fast-int8 / fast-int4")
+    g.add_argument("--drafter-backend", help="drafter backend (default: as --backend), e.g. fast-int4")
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
 
@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="time the whole prompt set this many times")
     b.add_argument("--backend", default="auto",
                    help="target backend: auto (fast on CPU, default), torch (transformers as built), fast, or an "
-                        "explicitly lossy fast-bf16 / fast-int8 (the target then *is* that reduced model)")
-    b.add_argument("--drafter-backend", help="drafter backend (default: as --backend); fast-int8 / fast-bf16 "
+                        "explicitly lossy fast-bf16 / fast-int8 / fast-int4 (the target then *is* that reduced model)")
+    b.add_argument("--drafter-backend", help="drafter backend (default: as --backend); fast-int4 / fast-int8 / fast-bf16 "
                                              "change only speed and acceptance, never the output distribution")
     b.add_argument("--compare-backends", default="", help="also measure the target's T(k) curve on these "
                                                           "backends, e.g. torch")
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="runs/egag")
     e.add_argument("--resume", action="store_true")
     e.add_argument("--backend", default="auto", help="target (and default drafter) backend, as in bench")
-    e.add_argument("--drafter-backend", help="drafter backend (default: as --backend), e.g. fast-int8")
+    e.add_argument("--drafter-backend", help="drafter backend (default: as --backend), e.g. fast-int4")
     e.set_defaults(func=cmd_experiment)
 
     from verispec.datastore_cli import register as register_datastore
@@ -262,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    from verispec.backends.allocator import tune_allocator
     from verispec.models.errors import ModelError
+
+    tune_allocator()  # big per-step temporaries reuse heap pages (see backends/allocator.py; VERISPEC_NO_MALLOPT=1)
 
     try:
         return a.func(a)
