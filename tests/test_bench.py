@@ -118,6 +118,23 @@ def test_bench_counts_every_method_the_same_way_and_renders_from_rows(folders):
     assert bad["method"] in s2["lossless_violations"] and "WARNING" in (out / "report.md").read_text()
 
 
+def test_drafter_backends_compared_in_one_run(folders):
+    out = folders / "backends"
+    s = run_bench(str(folders / "t"), str(folders / "d"), "sd,sd:drafter_backend=fast-int8", str(folders / "p.jsonl"),
+                  num_prompts=2, max_new_tokens=6, out_dir=out, progress=False, warmup=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["backends"]["drafters"] == {"auto": "fast", "fast-int8": "fast-int8"}  # each loaded once
+    overall = s["groups"]["overall"]
+    assert overall["sd:drafter_backend=fast-int8"]["exact_match_ar"] == 1.0  # the drafter changes only speed
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["drafter_backend"] == "fast" and cost["other_drafters"]["fast-int8"]["1"] > 0
+    report = (out / "report.md").read_text()
+    assert "(also `fast-int8` where a method says `drafter_backend=`)" in report and "on `fast-int8` (c = " in report
+    with pytest.raises(ValueError, match="unknown backend"):
+        run_bench(str(folders / "t"), str(folders / "d"), "sd:drafter_backend=int3", str(folders / "p.jsonl"),
+                  num_prompts=1, max_new_tokens=2, out_dir=folders / "bad", progress=False, warmup=False)
+
+
 def test_resume_skips_finished_rows(folders):
     out = folders / "resume"
     args = dict(target=str(folders / "t"), drafter=str(folders / "d"), methods="sd", dataset=str(folders / "p.jsonl"),

@@ -17,6 +17,13 @@ def measure_costs(target: LoadedModel, drafter: LoadedModel | None, curve: bool 
         curve = forward_cost_curve(target.model, ks=KS, repeats=3, warmup=1)
         out["target_curve_ms"] = {str(k): v for k, v in curve.items()}
         if drafter is not None:
-            d = forward_cost_curve(drafter.model, ks=(1, 2), repeats=5, warmup=1)
-            out["drafter_curve_ms"] = {str(k): v for k, v in d.items()}
+            out["drafter_curve_ms"] = drafter_curve(drafter)
     return out
+
+
+def drafter_curve(drafter: LoadedModel) -> dict[str, float]:
+    """The drafter's T(1) and T(2) in ms on a warm cache (what c = T_draft(1) / T(1) needs)."""
+    from verispec.backends.measure import forward_cost_curve
+
+    d = forward_cost_curve(drafter.model, ks=(1, 2), repeats=5, warmup=1)
+    return {str(k): v for k, v in d.items()}

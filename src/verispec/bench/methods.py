@@ -1,5 +1,8 @@
 """Methods as the benchmark names them: `name` or `name:key=value:key=value` (e.g. `sd:gamma=6`).
 
+`drafter_backend=B` (e.g. `sd:drafter_backend=fast-int8`) runs that method with the drafter loaded on backend B, so
+drafter backends are compared on the same prompts in the same run (each backend's drafter is loaded once).
+
 verispec's own methods run through `verispec.generate`; HuggingFace's own generation runs as peers on the same
 prompt ids (`hf-ar`, `hf-assisted` with the draft model, `hf-pld` prompt lookup), timed the same way and counted
 the same way: the new token ids, up to and including the first stop token.
@@ -37,6 +40,9 @@ class MethodSpec:
     def peer(self) -> bool:
         return self.name in HF_PEERS
 
+    def drafter_backend(self, default: str) -> str:
+        return str(self.params.get("drafter_backend", default))
+
 
 def _value(v: str):
     """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays a string."""
@@ -70,9 +76,11 @@ def parse_methods(text: str) -> list[MethodSpec]:
 
 def run_method(spec: MethodSpec, target: LoadedModel, drafter: LoadedModel | None, prompt_ids: list[int],
                max_new_tokens: int, sampling: Sampling, gamma: int) -> tuple[list[int], GenerationStats]:
+    """`drafter` is the drafter for this method (already on the backend `spec` asks for)."""
     if spec.peer:
         return run_hf(spec, target, drafter, prompt_ids, max_new_tokens, sampling)
     params = dict(spec.params)
+    params.pop("drafter_backend", None)  # chosen by the caller when it picked `drafter`
     out = verispec.generate(target, prompt_ids, drafter=drafter if spec.needs_drafter else None, method=spec.name,
                             gamma=params.pop("gamma", gamma), sampling=sampling, max_new_tokens=max_new_tokens,
                             **params)

@@ -75,11 +75,14 @@ def markdown(s: dict) -> str:
     c, cost = s["config"], s["cost"]
     env = c.get("environment", {})
     greedy = c["sampling"]["temperature"] == 0
+    extra = [b for b in c.get("backends", {}).get("drafters", {}).values() if b != c.get("backends", {}).get("drafter")]
     L = [f"# verispec bench — target `{c['target']}`" + (f", drafter `{c['drafter']}`" if c["drafter"] else ""), "",
          f"{c['num_prompts']} prompts from `{c['dataset']}` (seed {c['seed']}), max_new_tokens={c['max_new_tokens']}, "
          f"γ={c['gamma']} unless the method says otherwise, sampling={c['sampling']}, repeats={c['repeats']}, "
          f"backends: target `{c.get('backends', {}).get('target', c.get('backend'))}`, drafter "
-         f"`{c.get('backends', {}).get('drafter', c.get('drafter_backend'))}` (a target on a reduced-precision "
+         f"`{c.get('backends', {}).get('drafter', c.get('drafter_backend'))}`" +
+         (f" (also {', '.join(f'`{b}`' for b in extra)} where a method says `drafter_backend=`)" if extra else "") +
+         " (a target on a reduced-precision "
          "backend *is* that reduced model: losslessness is relative to it).", "",
          "Speedup = AR wall time / method wall time over the same prompts and repeats, in this run (AR is "
          "verispec's own autoregressive decoding with a KV cache). Tokens are counted as generated ids up to and "
@@ -112,10 +115,13 @@ def markdown(s: dict) -> str:
             L.append(f"| {b} | " + " | ".join(f"{v:.0f}" for v in cv.values()) +
                      f" | {cv['8'] / cv['1']:.2f} | {cv['16'] / cv['1']:.2f} |" if "16" in cv and "8" in cv else
                      f"| {b} | " + " | ".join(f"{v:.0f}" for v in cv.values()) + " | — | — |")
+        drafter_t1 = {cost.get("drafter_backend", "drafter"): cost["drafter_curve_ms"]["1"]} \
+            if cost.get("drafter_curve_ms") else {}
+        drafter_t1.update({b: cv["1"] for b, cv in cost.get("other_drafters", {}).items()})
         L += ["",
-              f"T(1) = {t1:.0f} ms" +
-              (f"; drafter T(1) = {cost['drafter_curve_ms']['1']:.0f} ms (c = "
-               f"{cost['drafter_curve_ms']['1'] / t1:.3f})" if cost.get("drafter_curve_ms") else "") + ".", "",
+              f"T(1) = {t1:.0f} ms" + "".join(
+                  f"; drafter T(1) = {v:.0f} ms" + (f" on `{b}`" if len(drafter_t1) > 1 else "") +
+                  f" (c = {v / t1:.3f})" for b, v in drafter_t1.items()) + ".", "",
               "Predicted = (1 − α^(γ+1)) / ((1 − α)(γc + T(γ+1)/T(1))) from each method's measured α̂, mean γ and "
               "measured draft cost c (draft seconds per drafted token / T(1)). **Projected** = the same formula for a "
               "memory-bound accelerator (T(γ+1)/T(1) = 1, c = drafter/target parameter ratio): a projection, not a "

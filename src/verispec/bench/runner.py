@@ -111,18 +111,27 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
     (out / CONFIG).write_text(json.dumps({**config, "environment": environment()}, indent=1))
 
     tgt = load_model(target, backend=backend)
-    drf: LoadedModel | None = load_model(drafter, backend=drafter_backend or backend) if drafter else None
-    if drf is not None:
-        check_compatible(tgt, drf)
+    # One drafter per drafter backend in use: the run's default plus any a method names (sd:drafter_backend=B).
+    default_db = drafter_backend or backend
+    wanted = dict.fromkeys([default_db] + [s.drafter_backend(default_db) for s in specs if s.needs_drafter])
+    drafters: dict[str, LoadedModel] = {b: load_model(drafter, backend=b) for b in wanted} if drafter else {}
+    drf: LoadedModel | None = drafters.get(default_db)
+    for d in drafters.values():
+        check_compatible(tgt, d)
+
+    def drafter_for(spec: MethodSpec) -> LoadedModel | None:
+        return drafters.get(spec.drafter_backend(default_db))
+
     cfg_path = out / CONFIG
     cfg = json.loads(cfg_path.read_text())
-    cfg["backends"] = {"target": tgt.backend, "drafter": drf.backend if drf else None}
+    cfg["backends"] = {"target": tgt.backend, "drafter": drf.backend if drf else None,
+                       "drafters": {b: d.backend for b, d in drafters.items()}}
     cfg_path.write_text(json.dumps(cfg, indent=1))
     encoded = [encode(tgt, p) for p in prompts]
 
     if warmup:
         for s in specs:
-            run_method(s, tgt, drf, encoded[0], min(16, max_new_tokens), sampling, gamma)
+            run_method(s, tgt, drafter_for(s), encoded[0], min(16, max_new_tokens), sampling, gamma)
     from tqdm import tqdm
 
     todo = [(r, i, s) for r in range(repeats) for i in range(len(prompts))
@@ -133,7 +142,7 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
         p = prompts[i]
         if (p.id, spec.label, rep) in done:
             continue
-        ids, stats = run_method(spec, tgt, drf, encoded[i], max_new_tokens, sampling, gamma)
+        ids, stats = run_method(spec, tgt, drafter_for(spec), encoded[i], max_new_tokens, sampling, gamma)
         row = {"prompt_id": p.id, "category": p.category, "method": spec.label, "repeat": rep, "peer": spec.peer,
                "prompt_tokens": len(encoded[i]), "new_tokens": len(ids), "token_ids": ids,
                "t_total": stats.t_total, "t_prefill": stats.t_prefill, "t_draft": stats.t_draft,
@@ -153,9 +162,14 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
     bar.close()
 
     if cost_model and not (out / COST).is_file():
-        from verispec.bench.costcurve import measure_costs
+        from verispec.bench.costcurve import drafter_curve, measure_costs
 
         costs = measure_costs(tgt, drf)
+        if drf is not None:
+            costs["drafter_backend"] = drf.backend
+        for d in drafters.values():  # the other drafter backends' T(1), T(2)
+            if d is not drf:
+                costs.setdefault("other_drafters", {})[d.backend] = drafter_curve(d)
         for b in compare_backends:  # the target's T(k) curve on other backends, from a fresh copy each
             if b != tgt.backend:
                 other = load_model(target, backend=b)
