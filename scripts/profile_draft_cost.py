@@ -1,5 +1,5 @@
 """Where a drafted token's time goes in one real SD generation: the drafter's forward, its sampling transform, and
-the rest of `DraftModelDrafter.propose`. Usage: python scripts/profile_draft_cost.py [max_new_tokens]
+the rest of `DraftModelDrafter.propose`. Usage: python scripts/profile_draft_cost.py [max_new_tokens [drafter_backend]]
 
 Wraps `CachedLM.forward` and `Sampling.probs` with timers for the drafter only; prints ms per drafted token.
 """
@@ -18,7 +18,7 @@ PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 def main(n: int = 64) -> None:
     target = verispec.load_model("qwen2.5-coder-1.5b")
-    drafter = verispec.load_model("qwen2.5-coder-0.5b", backend="fast-int8")
+    drafter = verispec.load_model("qwen2.5-coder-0.5b", backend=sys.argv[2] if len(sys.argv) > 2 else "fast-int4")
     spent = {"forward": 0.0, "probs": 0.0}
     forward, probs = CachedLM.forward, Sampling.probs
 

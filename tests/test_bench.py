@@ -123,11 +123,16 @@ def test_drafter_backends_compared_in_one_run(folders):
     s = run_bench(str(folders / "t"), str(folders / "d"), "sd,sd:drafter_backend=fast-int8", str(folders / "p.jsonl"),
                   num_prompts=2, max_new_tokens=6, out_dir=out, progress=False, warmup=False)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["backends"]["drafters"] == {"auto": "fast", "fast-int8": "fast-int8"}  # each loaded once
+    # each loaded once; by default the drafter gets the cheapest lossy backend ("auto-draft")
+    from verispec.backends import resolve_backend
+
+    assert cfg["drafter_backend"] == "auto-draft" and set(cfg["backends"]["drafters"]) == {"auto-draft", "fast-int8"}
+    assert cfg["backends"]["drafters"]["fast-int8"] == "fast-int8"
+    assert resolve_backend("auto-draft") in ("fast-int4", "fast-int8", "fast")
     overall = s["groups"]["overall"]
     assert overall["sd:drafter_backend=fast-int8"]["exact_match_ar"] == 1.0  # the drafter changes only speed
     cost = json.loads((out / "cost.json").read_text())
-    assert cost["drafter_backend"] == "fast" and cost["other_drafters"]["fast-int8"]["1"] > 0
+    assert cost["drafter_backend"] == cfg["backends"]["drafter"] and cost["other_drafters"]["fast-int8"]["1"] > 0
     report = (out / "report.md").read_text()
     assert "(also `fast-int8` where a method says `drafter_backend=`)" in report and "on `fast-int8` (c = " in report
     with pytest.raises(ValueError, match="unknown backend"):

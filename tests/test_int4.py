@@ -53,8 +53,8 @@ def test_int4_linear_equals_f_linear_on_its_dequantized_weight(n, groups, gs, ro
         lin.weight.copy_(torch.randn(n, k, generator=g))
         if bias:
             lin.bias.copy_(torch.randn(n, generator=g))
-    layer = Int4Linear.from_linear(lin, group_size=gs)
-    assert layer is not None and layer.out_features == n and layer.in_features == k
+    layer = Int4Linear.from_linear(lin, group_size=gs, wide=False)  # the int4 kernel for every row count
+    assert layer is not None and layer.out_features == n and layer.in_features == k and layer.wide is None
     x = make_input(rows, k, three_d, contiguous, seed)
     with torch.inference_mode():
         y = layer(x)
@@ -75,6 +75,28 @@ def test_int4_linear_edge_inputs():
         with pytest.raises(RuntimeError, match="expects 64"):
             layer(torch.randn(2, 63))
     assert weight_count(nn.Sequential(layer)) == 64 * 20 + 20  # packed weights + the bias parameter
+
+
+@needs_int4
+def test_wide_inputs_take_the_int8_copy():
+    from verispec.backends.int4 import WIDE_ROWS
+    from verispec.backends.int8 import int8_available, is_int8_linear
+
+    if not int8_available():
+        pytest.skip("no int8 engine: every input takes the int4 kernel")
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    layer = Int4Linear.from_linear(lin)
+    assert is_int8_linear(layer.wide) and "int8 copy" in repr(layer)
+    with torch.inference_mode():
+        for rows in (1, WIDE_ROWS - 1, WIDE_ROWS, 3 * WIDE_ROWS):
+            x = torch.randn(rows, 64)
+            want = layer.wide(x) if rows >= WIDE_ROWS else layer.narrow(x)
+            assert torch.equal(layer(x), want), rows
+            assert float((layer(x) - lin(x)).abs().max() / lin(x).abs().max()) < 0.1  # both close to fp32
+        x3 = torch.randn(2, 3, 64)  # 6 rows in a 3-D input: wide
+        assert torch.equal(layer(x3), layer.wide(x3))
+    assert weight_count(nn.Sequential(layer)) == 64 * 48 + 48  # the int8 copy is not counted twice
 
 
 def test_layers_the_kernel_cannot_take_are_refused():
@@ -136,3 +158,28 @@ def test_probe_disagreement_keeps_the_layer_fp32(monkeypatch):
     assert not any(isinstance(x, Int4Linear) for x in m.modules())
     monkeypatch.undo()
     assert Int4Linear.from_linear(nn.Linear(64, 16)) is not None
+
+
+def test_drafters_loaded_by_name_get_the_cheapest_backend(tmp_path, pair, monkeypatch):
+    import verispec
+    import verispec.backends as backends
+    from verispec.backends import drafter_backend, resolve_backend
+
+    assert drafter_backend("auto") == drafter_backend(None) == "auto-draft"
+    assert drafter_backend("fast") == "fast" and drafter_backend("torch") == "torch"  # an explicit choice is kept
+    assert drafter_backend("auto", "fast-int8") == "fast-int8"
+    monkeypatch.setattr(backends, "native_bf16", lambda: True)
+    assert resolve_backend("auto-draft") == ("fast-int4" if int4_available() else "fast-int8")
+    monkeypatch.setattr(backends, "native_bf16", lambda: False)  # int4's kernel wants bf16 instructions
+    assert resolve_backend("auto-draft") == "fast-int8"
+    monkeypatch.undo()
+    target, _ = pair
+    tiny_llama(64, seed=2, layers=1, scale=20.0).save_pretrained(tmp_path)  # hidden 32: int4-able
+    target.tokenizer.save_pretrained(tmp_path)
+    out = verispec.generate(target, PROMPT, drafter=str(tmp_path), max_new_tokens=12)  # by name: auto-draft
+    assert out.token_ids == greedy(target.model, n=12)
+    d = verispec.load_model(str(tmp_path), backend=drafter_backend("auto"))
+    assert d.backend == resolve_backend("auto-draft")
+    obj = tiny_llama(64, seed=2, layers=1, scale=20.0)
+    verispec.generate(target, PROMPT, drafter=obj, max_new_tokens=4)  # an object passed in is not converted
+    assert linears(obj)

@@ -166,6 +166,11 @@ def cmd_theory(a) -> int:
     return 0
 
 
+DRAFTER_BACKEND_HELP = ("drafter backend (default: auto-draft, the cheapest lossy backend here — fast-int4 or "
+                        "fast-int8 — when --backend is auto, else as --backend; `fast` = the fp32 drafter). A drafter's "
+                        "precision changes only speed and acceptance, never the output distribution")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="verispec", description="Lossless speculative decoding and its benchmark.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -194,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text + stats")
     g.add_argument("--backend", default="auto", help="auto (fast packed fp32 linears on CPU), torch, fast, or "
                                                     "the explicitly lossy fast-bf16 / fast-int8 / fast-int4")
-    g.add_argument("--drafter-backend", help="drafter backend (default: as --backend), e.g. fast-int4")
+    g.add_argument("--drafter-backend", help=DRAFTER_BACKEND_HELP)
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
 
@@ -213,8 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="auto",
                    help="target backend: auto (fast on CPU, default), torch (transformers as built), fast, or an "
                         "explicitly lossy fast-bf16 / fast-int8 / fast-int4 (the target then *is* that reduced model)")
-    b.add_argument("--drafter-backend", help="drafter backend (default: as --backend); fast-int4 / fast-int8 / fast-bf16 "
-                                             "change only speed and acceptance, never the output distribution")
+    b.add_argument("--drafter-backend", help=DRAFTER_BACKEND_HELP)
     b.add_argument("--compare-backends", default="", help="also measure the target's T(k) curve on these "
                                                           "backends, e.g. torch")
     b.add_argument("--out", default="runs/bench")
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="runs/egag")
     e.add_argument("--resume", action="store_true")
     e.add_argument("--backend", default="auto", help="target (and default drafter) backend, as in bench")
-    e.add_argument("--drafter-backend", help="drafter backend (default: as --backend), e.g. fast-int4")
+    e.add_argument("--drafter-backend", help=DRAFTER_BACKEND_HELP)
     e.set_defaults(func=cmd_experiment)
 
     from verispec.datastore_cli import register as register_datastore

@@ -10,6 +10,9 @@
            Fast only where the CPU has native bf16 (AVX512-BF16 / AMX); emulated, it is slower than fp32.
 - "fast-int8" (lossy, for drafters): dynamically quantized linears, int8 weights per channel and int8
            activations per call (`verispec.backends.int8`); falls back to "fast" where int8 is unavailable.
+- "auto-draft": what a drafter that verispec loads by name gets when the target runs on "auto": the cheapest
+           lossy backend here — "fast-int4" on a CPU with native bf16 (its kernel rounds activations to bf16),
+           else "fast-int8", else "fast"; "torch" off CPU. A drafter changes only speed, never the output.
 - "fast-int4" (lossy, for drafters): weight-only 4-bit group-quantized linears with bf16 activations
            (`verispec.backends.int4`), half the bytes of int8 — the cheapest 1-row forward here; layers the kernel
            cannot take stay "fast"; falls back to "fast-int8" where the kernel is missing.
@@ -40,10 +43,11 @@ from verispec.backends.int4 import Int4Linear, int4_available
 from verispec.backends.int8 import int8_available, is_int8_linear, quantize_int8
 from verispec.backends.onednn import FORCE_FALLBACK_ENV, FastLinear, fallback_forced, onednn_available
 
-BACKENDS = ("torch", "fast", "auto", "fast-bf16", "fast-int8", "fast-int4")
+BACKENDS = ("torch", "fast", "auto", "auto-draft", "fast-bf16", "fast-int8", "fast-int4")
 LOSSY_BACKENDS = ("fast-bf16", "fast-int8", "fast-int4")  # for drafters; a target on one of these *is* the reduced model
 
-__all__ = ["BACKENDS", "LOSSY_BACKENDS", "FORCE_FALLBACK_ENV", "FastLinear", "apply_backend", "backend_of", "fallback_forced",
+__all__ = ["BACKENDS", "LOSSY_BACKENDS", "FORCE_FALLBACK_ENV", "FastLinear", "apply_backend", "backend_of",
+           "drafter_backend", "fallback_forced", "native_bf16",
            "onednn_available", "release_file_mappings", "resolve_backend", "weight_count"]
 
 
@@ -52,10 +56,32 @@ def resolve_backend(name: str | None, model: nn.Module | None = None) -> str:
     name = "auto" if name is None else str(name).strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    if name == "auto-draft":
+        if resolve_backend("auto", model) == "torch":
+            return "torch"
+        return "fast-int4" if int4_available() and native_bf16() else "fast-int8" if int8_available() else "fast"
     if name != "auto":
         return name
     on_cpu = model is None or all(p.device.type == "cpu" for p in model.parameters())
     return "fast" if on_cpu and onednn_available() and not fallback_forced() else "torch"
+
+
+def drafter_backend(backend: str | None, drafter_backend: str | None = None) -> str:
+    """The backend for a drafter verispec loads by name: `drafter_backend` when given; 'auto-draft' (the cheapest
+    lossy one) when the target's is 'auto'; else the target's own (an explicit choice is followed)."""
+    if drafter_backend:
+        return drafter_backend
+    return "auto-draft" if backend in (None, "auto") else backend
+
+
+def native_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), from /proc/cpuinfo; False where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _unwrap(model) -> nn.Module:
@@ -211,5 +237,6 @@ def weight_count(model) -> int:
     """Parameters plus the weights of FastLinear / int8 / int4 layers (held as packed tensors, not Parameters)."""
     module = _unwrap(model)
     n = sum(p.numel() for p in module.parameters())
+    copies = {id(m.wide) for m in module.modules() if isinstance(m, Int4Linear) and m.wide is not None}
     return n + sum(m.in_features * m.out_features for m in module.modules()
-                   if isinstance(m, (FastLinear, Int4Linear)) or is_int8_linear(m))
+                   if (isinstance(m, (FastLinear, Int4Linear)) or is_int8_linear(m)) and id(m) not in copies)

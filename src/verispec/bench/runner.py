@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import verispec
+from verispec.backends import drafter_backend as default_drafter_backend
 from verispec.bench.datasets import Prompt, load_prompts
 from verispec.bench.methods import MethodSpec, parse_methods, run_method
 from verispec.bench.metrics import steps_log
@@ -95,7 +96,7 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
     config = {"target": target, "drafter": drafter, "methods": [s.label for s in specs], "dataset": dataset,
               "num_prompts": len(prompts), "prompt_ids": [p.id for p in prompts], "max_new_tokens": max_new_tokens,
               "gamma": gamma, "sampling": asdict(sampling), "seed": seed, "warmup": warmup, "repeats": repeats,
-              "backend": backend, "drafter_backend": drafter_backend or backend}
+              "backend": backend, "drafter_backend": default_drafter_backend(backend, drafter_backend)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done: set[tuple] = set()
@@ -112,7 +113,7 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
 
     tgt = load_model(target, backend=backend)
     # One drafter per drafter backend in use: the run's default plus any a method names (sd:drafter_backend=B).
-    default_db = drafter_backend or backend
+    default_db = default_drafter_backend(backend, drafter_backend)
     wanted = dict.fromkeys([default_db] + [s.drafter_backend(default_db) for s in specs if s.needs_drafter])
     drafters: dict[str, LoadedModel] = {b: load_model(drafter, backend=b) for b in wanted} if drafter else {}
     drf: LoadedModel | None = drafters.get(default_db)

@@ -65,9 +65,10 @@ def trimmed_head(model: nn.Module, ids: torch.Tensor, vocab_size: int, backend: 
     out = model.get_output_embeddings()
     H = model.get_input_embeddings().weight.shape[1]
     dtype = next(model.parameters()).dtype
-    bias = out(torch.zeros(1, H, dtype=dtype))[0]  # (V,) the layer's bias (zeros when it has none)
+    probe = getattr(out, "narrow", out)  # an int4 layer: its int4 weights, not the int8 copy wide inputs take
+    bias = probe(torch.zeros(1, H, dtype=dtype))[0]  # (V,) the layer's bias (zeros when it has none)
     eye = torch.eye(H, dtype=dtype)  # (H, H)
-    WT = out(eye) - bias  # (H, V) effective weights, transposed
+    WT = probe(eye) - bias  # (H, V) effective weights, transposed
     ids_in = ids[ids < WT.shape[1]]
     w = WT[:, ids_in].T.contiguous().float()  # (K, H)
     b = bias[ids_in].float() if bool(bias.abs().max() > 0) else None
