@@ -58,7 +58,8 @@ def test_int4_linear_equals_f_linear_on_its_dequantized_weight(n, groups, gs, ro
     x = make_input(rows, k, three_d, contiguous, seed)
     with torch.inference_mode():
         y = layer(x)
-    ref = F.linear(x.to(torch.bfloat16).float(), dequantized(lin.weight, gs), lin.bias).detach()  # kernel sees bf16 input
+    # the kernel sees the input rounded to bf16
+    ref = F.linear(x.to(torch.bfloat16).float(), dequantized(lin.weight, gs), lin.bias).detach()
     assert y.shape == ref.shape and y.dtype == torch.float32
     # the kernel returns bf16: ~2^-8 relative to the output's size
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2 * (1 + float(ref.abs().max())))

@@ -1,4 +1,4 @@
-"""`sampling.sample`: one draw by inverting the CDF — exact law, zero-mass ids never drawn, seeded and deterministic."""
+"""`sampling.sample`: one draw by inverting the CDF — exact law, zero-mass ids never drawn, seeded, deterministic."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
@@ -120,10 +119,8 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
                 raise ValueError(f"method {method!r} needs a drafter model (drafter=...)")
             from verispec.backends import drafter_backend as default_for_drafter
 
-            # by name: the cheapest drafter backend unless one is named; an object passed in is left as it is
-            named = isinstance(drafter, (str, os.PathLike))
-            draft_model = load_model(drafter, backend=drafter_backend or (default_for_drafter(backend) if named
-                                                                         else backend))
+            # "auto-draft" unless one is named; load_model leaves a model object passed in as it is
+            draft_model = load_model(drafter, backend=default_for_drafter(backend, drafter_backend))
             check_compatible(target, draft_model)
         d = factory(_Ctx(target, draft_model, target.stop_ids, options))
         ids, stats = decode(CachedLM(target.model), d, verifier or RejectionVerifier(), policy, prompt_ids,

@@ -167,8 +167,8 @@ def cmd_theory(a) -> int:
 
 
 DRAFTER_BACKEND_HELP = ("drafter backend (default: auto-draft, the cheapest lossy backend here — fast-int4 or "
-                        "fast-int8 — when --backend is auto, else as --backend; `fast` = the fp32 drafter). A drafter's "
-                        "precision changes only speed and acceptance, never the output distribution")
+                        "fast-int8 — when --backend is auto, else as --backend; `fast` = the fp32 drafter). "
+                        "A drafter's precision changes only speed and acceptance, never the output distribution")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ Apply a backend last, after loading (and after anything that re-ties weights); i
 from __future__ import annotations
 
 import bisect
+import functools
 import warnings
 
 import torch
@@ -44,7 +45,7 @@ from verispec.backends.int8 import int8_available, is_int8_linear, quantize_int8
 from verispec.backends.onednn import FORCE_FALLBACK_ENV, FastLinear, fallback_forced, onednn_available
 
 BACKENDS = ("torch", "fast", "auto", "auto-draft", "fast-bf16", "fast-int8", "fast-int4")
-LOSSY_BACKENDS = ("fast-bf16", "fast-int8", "fast-int4")  # for drafters; a target on one of these *is* the reduced model
+LOSSY_BACKENDS = ("fast-bf16", "fast-int8", "fast-int4")  # for drafters; a target on one *is* the reduced model
 
 __all__ = ["BACKENDS", "LOSSY_BACKENDS", "FORCE_FALLBACK_ENV", "FastLinear", "apply_backend", "backend_of",
            "drafter_backend", "fallback_forced", "native_bf16",
@@ -74,6 +75,7 @@ def drafter_backend(backend: str | None, drafter_backend: str | None = None) -> 
     return "auto-draft" if backend in (None, "auto") else backend
 
 
+@functools.lru_cache(maxsize=1)
 def native_bf16() -> bool:
     """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), from /proc/cpuinfo; False where unknown."""
     try:

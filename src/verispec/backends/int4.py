@@ -12,7 +12,7 @@ use); it is fast only with bf16 activations (its fp32-activation path was ~50x s
 its input to bf16, accumulates in fp32 inside the kernel and returns fp32.
 
 It is not flat in rows: past ~4 rows it costs ~40 µs per row for a 896 x 4864 layer, 5x torch's dynamic int8 linear
-at 150 rows — so a drafter's *prefill* of a 150-token prompt took ~0.4 s longer than on "fast-int8" and ate the
+at 150 rows — so a drafter's *prefill* of a HumanEval prompt took ~0.4 s longer than on "fast-int8" and ate the
 per-token gain on short generations (measured on 20 HumanEval prompts). Each layer therefore also keeps a dynamic
 int8 copy (`verispec.backends.int8`, per-channel int8 weights from the same fp32 weights) and sends inputs of
 `WIDE_ROWS` or more rows there: one-row draft steps read half the bytes, prompt-sized inputs get the fast int8 GEMM.
@@ -54,8 +54,7 @@ def int4_available() -> bool:
         return False
     try:
         lin = nn.Linear(32, 16, bias=False)
-        q = Int4Linear.from_linear(lin)
-        return q is not None
+        return Int4Linear.from_linear(lin, wide=False) is not None
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
@@ -106,7 +105,8 @@ class Int4Linear(nn.Module):
         pad = -N % 16  # the kernel packs output rows in blocks of 16
         if pad:
             q = torch.cat([q, q.new_zeros(pad, K)])
-            scale, lo = torch.cat([scale, scale.new_ones(pad, scale.shape[1])]), torch.cat([lo, lo.new_zeros(pad, lo.shape[1])])
+            scale = torch.cat([scale, scale.new_ones(pad, scale.shape[1])])
+            lo = torch.cat([lo, lo.new_zeros(pad, lo.shape[1])])
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
         zero = lo + 8 * scale  # kernel convention: w = (q - 8) * scale + zero
         sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N_pad, 2)
@@ -157,22 +157,16 @@ class Int4Linear(nn.Module):
 
 
 def _int8_copy(lin: nn.Module) -> nn.Module | None:
-    """A dynamically quantized int8 copy of `lin` (per-channel weights), or None where int8 is unavailable."""
-    import warnings
-
-    from verispec.backends.int8 import int8_available
+    """A dynamically quantized int8 copy of `lin` (as backend "fast-int8" makes it), or None without int8."""
+    from verispec.backends.int8 import int8_available, quantize_int8
 
     if not int8_available():
         return None
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
     dense = torch.nn.utils.skip_init(nn.Linear, lin.in_features, lin.out_features, bias=lin.bias is not None)
     with torch.no_grad():
         dense.weight.copy_(lin.weight)
         if lin.bias is not None:
             dense.bias.copy_(lin.bias)  # a private copy: the packed params keep the bias tensor itself
-    dense.qconfig = per_channel_dynamic_qconfig
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch 2.13 deprecates eager quantization (moving to torchao)
-        return DynamicQuantizedLinear.from_float(dense)
+    holder = nn.Sequential(dense)
+    quantize_int8(holder, ["0"])
+    return holder[0]

@@ -62,7 +62,8 @@ def run(out_dir: str | Path = "runs/egag", target: str = "qwen2.5-coder-1.5b", d
     result = {"conditions": summaries, "config": {"target": target, "drafter": drafter, "dataset": dataset,
                                                   "num_prompts": num_prompts, "max_new_tokens": max_new_tokens,
                                                   "conditions": conditions, "backend": backend,
-                                                  "drafter_backend": default_drafter_backend(backend, drafter_backend), "main": MAIN, "sweep": SWEEP,
+                                                  "drafter_backend": default_drafter_backend(backend, drafter_backend),
+                                                  "main": MAIN, "sweep": SWEEP,
                                                   "ablations": ABLATIONS}}
     (out / "egag.json").write_text(json.dumps(result, indent=1))
     (out / "egag.md").write_text(report(result, out))

@@ -54,22 +54,26 @@ def stop_ids_of(model: torch.nn.Module, tokenizer=None, extra=()) -> frozenset[i
     return frozenset(ids)
 
 
+AUTOMATIC = (None, "auto", "auto-draft")  # backends never applied to a model object passed in
+
+
 def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool = True,
                backend: str | None = "auto") -> LoadedModel:
     """source: LoadedModel | nn.Module | registry name | local folder with an HF causal LM.
 
     backend: how the linear layers run ("auto" = the fast packed fp32 path on CPU, "torch" = as transformers
-    built it, "fast-bf16"/"fast-int8"/"fast-int4" = reduced-precision weights, meant for drafters). It is applied to models
-    verispec loads itself; a model object you pass in is changed only when you name a backend other than "auto".
+    built it, "fast-bf16"/"fast-int8"/"fast-int4" = reduced-precision weights, meant for drafters, "auto-draft" = the
+    cheapest of those here). It is applied to models verispec loads itself; a model object you pass in is changed
+    only when you name a backend other than the automatic ones ("auto", "auto-draft").
     """
     if isinstance(source, LoadedModel):
-        if backend not in (None, "auto"):
+        if backend not in AUTOMATIC:
             _apply(source, backend)
         return source
     if isinstance(source, torch.nn.Module):
         source.eval()
         out = LoadedModel(source, tokenizer, type(source).__name__, stop_ids_of(source, tokenizer))
-        if backend not in (None, "auto"):
+        if backend not in AUTOMATIC:
             _apply(out, backend)
         return out
     if not isinstance(source, (str, Path)):
