@@ -80,8 +80,9 @@ def sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
 
     Inverse CDF with one uniform draw: the first id whose cumulative mass exceeds u · total. Ids with zero mass are
     never drawn (their cumulative sum equals their predecessor's). Exact up to float64 rounding, and ~20x cheaper
-    than `torch.multinomial` over a 151,936-token vocabulary on this CPU (0.13 vs 2.7 ms), which mattered: it was
-    most of the per-token overhead outside the forwards.
+    than `torch.multinomial` over a 151,936-token vocabulary on this CPU (0.10–0.12 vs 2.5–3.3 ms with the
+    allocator setting, `scripts/drafter_kernels.py`), which mattered: multinomial was most of the per-token overhead
+    outside the forwards.
     """
     c = torch.cumsum(p, 0, dtype=torch.float64)  # (V,)
     u = torch.rand((), generator=generator, dtype=torch.float64, device=p.device) * c[-1]  # () in [0, total)

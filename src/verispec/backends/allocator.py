@@ -3,8 +3,8 @@
 Every decoding step allocates and frees a few buffers of 0.5–5 MB (a row of logits over a 151,936-token vocabulary
 is 0.6 MB; the cumulative sum that `sampling.sample` inverts is 1.2 MB). glibc serves such sizes with fresh `mmap`s
 or trims them off the heap top when freed, so the next step page-faults them in again; on this VM a page fault is
-expensive (measured: drawing one token from a 151,936-entry distribution took 1.1–1.4 ms, 0.11 ms with the settings
-below). Raising the mmap threshold and the trim threshold makes those buffers come from heap memory that stays
+expensive (`scripts/drafter_kernels.py`, a fresh process each: drawing one token from a 151,936-entry distribution
+took 1.1–1.6 ms, 0.10–0.12 ms with the settings below; how bad it is depends on the process's allocation history). Raising the mmap threshold and the trim threshold makes those buffers come from heap memory that stays
 mapped. It costs at most `trim_threshold` bytes of freed memory kept resident.
 
 Process-wide, so the library never does it on import: the `verispec` command calls `tune_allocator()` at start

@@ -6,13 +6,13 @@ what the output is. Applied to a target, the target *is* the quantized model (na
 
 Why int4: one drafted token is a 1-row forward, and a 1-row forward of a 0.5B model is bound by memory bandwidth —
 every weight byte is read once per token. Measured on this machine (2 cores, weights not in cache, 24 Qwen2.5-0.5B
-MLP blocks): fp32 packed 41 ms, dynamic int8 13 ms, this int4 kernel 7 ms. The kernel is PyTorch's own CPU
+MLP blocks, `scripts/drafter_kernels.py`, two runs): fp32 packed 31–36 ms, dynamic int8 11–12 ms, int4 8–9.5 ms. The kernel is PyTorch's own CPU
 weight-only int4 GEMM (`aten._weight_int4pack_mm_for_cpu`, the path torchao's int4 weight-only config and gpt-fast
 use); it is fast only with bf16 activations (its fp32-activation path was ~50x slower here), so each linear rounds
 its input to bf16, accumulates in fp32 inside the kernel and returns fp32.
 
 It is not flat in rows: past ~4 rows it costs ~40 µs per row for a 896 x 4864 layer, 5x torch's dynamic int8 linear
-at 150 rows — so a drafter's *prefill* of a HumanEval prompt took ~0.4 s longer than on "fast-int8" and ate the
+at 150 rows (same script) — so a drafter's *prefill* of a HumanEval prompt took ~0.4 s longer than on "fast-int8" and ate the
 per-token gain on short generations (measured on 20 HumanEval prompts). Each layer therefore also keeps a dynamic
 int8 copy (`verispec.backends.int8`, per-channel int8 weights from the same fp32 weights) and sends inputs of
 `WIDE_ROWS` or more rows there: one-row draft steps read half the bytes, prompt-sized inputs get the fast int8 GEMM.

@@ -1,0 +1,97 @@
+"""Micro-benchmarks behind the drafter backends' docstrings (backends/int4.py, backends/allocator.py).
+
+Usage: python scripts/drafter_kernels.py   (run alone on an idle machine; about a minute)
+
+1. One-row linears over 24 Qwen2.5-0.5B-sized MLP blocks (896 -> 4864 -> 896) with distinct random weights, so
+   the weights are not in cache between calls, as in a real draft step: fp32 packed, dynamic int8, int4.
+2. Cost by row count of one 896 x 4864 layer (weights in cache): int4 kernel vs dynamic int8 vs fp32 packed.
+3. One `sampling.sample` draw over 151,936 ids against `torch.multinomial`, in a fresh process without and
+   with `tune_allocator()` (page-fault costs depend on the process's allocation history).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from verispec.backends.allocator import NO_MALLOPT_ENV
+from verispec.backends.int4 import Int4Linear
+from verispec.backends.int8 import quantize_int8
+from verispec.backends.onednn import FastLinear
+
+
+def ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def int8(lin: nn.Linear) -> nn.Module:
+    holder = nn.Sequential(lin)
+    quantize_int8(holder, ["0"])
+    return holder[0]
+
+
+def make(kind: str, lin: nn.Linear) -> nn.Module:
+    if kind == "fp32 packed":
+        return FastLinear.from_linear(lin)
+    if kind == "dynamic int8":
+        return int8(lin)
+    return Int4Linear.from_linear(lin, wide=False)
+
+
+@torch.inference_mode()
+def main() -> None:
+    torch.manual_seed(0)
+    H, F = 896, 4864
+    shapes = [(H, F), (H, F), (F, H)] * 24  # gate, up, down per block
+
+    print("1. one row through 24 MLP blocks, cold weights (ms)")
+    for kind in ("fp32 packed", "dynamic int8", "int4"):
+        layers = [make(kind, nn.Linear(i, o, bias=False)) for i, o in shapes]
+        xs = [torch.randn(1, i) for i, _ in shapes]
+        print(f"   {kind:13s} {ms(lambda: [m(x) for m, x in zip(layers, xs)]):7.2f}")
+        del layers
+
+    print("2. one 896 x 4864 layer by rows (ms)")
+    lin = nn.Linear(H, F, bias=False)
+    mods = {k: make(k, lin) for k in ("int4", "dynamic int8", "fp32 packed")}
+    print("   rows " + " ".join(f"{k:>13s}" for k in mods))
+    for rows in (1, 2, 4, 8, 16, 150):
+        x = torch.randn(rows, H)
+        print(f"   {rows:4d} " + " ".join(f"{ms(lambda: m(x), 50):13.3f}" for m in mods.values()))
+
+    print("3. one token drawn from 151,936 ids, each in a fresh process (ms)")
+    for tuned in (False, True):
+        out = subprocess.run([sys.executable, "-c", DRAW], capture_output=True, text=True, check=True,
+                             env={**os.environ, NO_MALLOPT_ENV: "0" if tuned else "1"}).stdout.strip()
+        print(f"   tune_allocator {'on ' if tuned else 'off'}: {out}")
+
+
+DRAW = """
+from verispec.backends.allocator import tune_allocator
+tune_allocator()  # a no-op when VERISPEC_NO_MALLOPT=1
+import time, torch
+from verispec.sampling import sample
+p = torch.softmax(torch.randn(151_936), 0)
+g = torch.Generator().manual_seed(0)
+def ms(fn, reps=200):
+    for _ in range(3):
+        fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e3
+print(f"multinomial {ms(lambda: torch.multinomial(p, 1, generator=g)):.3f}   sample {ms(lambda: sample(p, g)):.3f}")
+"""
+
+if __name__ == "__main__":
+    main()
