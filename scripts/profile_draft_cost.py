@@ -17,6 +17,9 @@ PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
 def main(n: int = 64) -> None:
+    from verispec.backends.allocator import tune_allocator
+
+    tune_allocator()  # as the `verispec` command does
     target = verispec.load_model("qwen2.5-coder-1.5b")
     drafter = verispec.load_model("qwen2.5-coder-0.5b", backend=sys.argv[2] if len(sys.argv) > 2 else "fast-int4")
     spent = {"forward": 0.0, "probs": 0.0}
