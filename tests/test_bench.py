@@ -138,6 +138,7 @@ def test_drafter_backends_compared_in_one_run(folders):
     with pytest.raises(ValueError, match="unknown backend"):
         run_bench(str(folders / "t"), str(folders / "d"), "sd:drafter_backend=int3", str(folders / "p.jsonl"),
                   num_prompts=1, max_new_tokens=2, out_dir=folders / "bad", progress=False, warmup=False)
+    assert not (folders / "bad").exists()  # rejected before anything is written
 
 
 def test_resume_skips_finished_rows(folders):

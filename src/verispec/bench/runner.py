@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import verispec
-from verispec.backends import drafter_backend as default_drafter_backend
+from verispec.backends import drafter_backend as default_drafter_backend, resolve_backend
 from verispec.bench.datasets import Prompt, load_prompts
 from verispec.bench.methods import MethodSpec, parse_methods, run_method
 from verispec.bench.metrics import steps_log
@@ -92,6 +92,12 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
         raise ValueError("max_new_tokens must be >= 1")
     if any(s.needs_drafter for s in specs) and not drafter:
         raise ValueError(f"methods {[s.label for s in specs if s.needs_drafter]} need --drafter")
+    # One drafter per drafter backend in use: the run's default plus any a method names (sd:drafter_backend=B);
+    # names are checked before anything is loaded or written.
+    default_db = default_drafter_backend(backend, drafter_backend)
+    wanted = dict.fromkeys([default_db] + [s.drafter_backend(default_db) for s in specs if s.needs_drafter])
+    for b in (backend, *wanted):
+        resolve_backend(b)
     prompts = load_prompts(dataset, num_prompts, seed)
     config = {"target": target, "drafter": drafter, "methods": [s.label for s in specs], "dataset": dataset,
               "num_prompts": len(prompts), "prompt_ids": [p.id for p in prompts], "max_new_tokens": max_new_tokens,
@@ -112,9 +118,6 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
     (out / CONFIG).write_text(json.dumps({**config, "environment": environment()}, indent=1))
 
     tgt = load_model(target, backend=backend)
-    # One drafter per drafter backend in use: the run's default plus any a method names (sd:drafter_backend=B).
-    default_db = default_drafter_backend(backend, drafter_backend)
-    wanted = dict.fromkeys([default_db] + [s.drafter_backend(default_db) for s in specs if s.needs_drafter])
     drafters: dict[str, LoadedModel] = {b: load_model(drafter, backend=b) for b in wanted} if drafter else {}
     drf: LoadedModel | None = drafters.get(default_db)
     for d in drafters.values():
