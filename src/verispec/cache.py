@@ -30,8 +30,15 @@ def output_width(model: torch.nn.Module) -> int:
 class CachedLM:
     """One HF causal LM, batch size 1, plus a DynamicCache and forward/token counters."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, head=None):
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, head=None, lean: bool = False):
         self.model = model
+        # lean=True (drafters only): chains run verispec.backends.lean's forward where the model family is known —
+        # same operations, none of transformers' per-call overhead, not bit-identical to it. Targets never use it.
+        self.lean = None
+        if lean:
+            from verispec.backends.lean import lean_decoder
+
+            self.lean = lean_decoder(model)
         # Optional replacement output layer: hidden (n, H) -> logits (n, vocab_size), run after the model's body
         # (e.g. a drafter's vocabulary-trimmed head). None = the model's own forward.
         self.head = head
@@ -80,7 +87,10 @@ class CachedLM:
         keep = self.rollback(tokens, limit=len(tokens) - n_logits)  # positions we need logits for are re-fed
         new = list(tokens[keep:])
         input_ids = torch.tensor([new], dtype=torch.long, device=self.device)  # (1, T)
-        if self.head is not None:
+        if self.lean is not None:
+            hidden = self.lean(input_ids, self.cache, n_logits)  # (n_logits, H)
+            logits = (self.head or self.model.get_output_embeddings())(hidden)  # (n_logits, V)
+        elif self.head is not None:
             hidden = self.model.get_decoder()(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
             logits = self.head(hidden.last_hidden_state[0, -n_logits:])  # (n_logits, V)
         else:

@@ -17,6 +17,8 @@
            (`verispec.backends.int4`), half the bytes of int8 — the cheapest 1-row forward here; layers the kernel
            cannot take stay "fast"; falls back to "fast-int8" where the kernel is missing.
            A target put on a lossy backend *is* the reduced model: losslessness then holds relative to it.
+           The lossy backends also fuse q/k/v and gate/up into one linear each in Qwen2 / Llama models
+           (`verispec.backends.fuse`); drafters of those families run `verispec.backends.lean`'s forward.
 
 Why: on this CPU a torch-default k-row linear costs ~2x a 1-row one already at k = 2, so verifying γ drafts is far
 from free; a packed oneDNN weight was measured (FACTS.md, "Kernels") close to flat for 1–16 rows. See
@@ -40,6 +42,7 @@ import warnings
 import torch
 from torch import nn
 
+from verispec.backends.fuse import fuse_projections
 from verispec.backends.int4 import Int4Linear, int4_available
 from verispec.backends.int8 import int8_available, is_int8_linear, quantize_int8
 from verispec.backends.onednn import FORCE_FALLBACK_ENV, FastLinear, fallback_forced, onednn_available
@@ -119,6 +122,8 @@ def apply_backend(model, name: str | None = "fast", *, force_fallback: bool = Fa
         warnings.warn("verispec: int8 linears unavailable or fallback forced; using the fp32 'fast' backend",
                       RuntimeWarning, stacklevel=2)
         name = "fast"
+    if name in LOSSY_BACKENDS:
+        fuse_projections(module)  # q/k/v and gate/up as one linear each: fewer, wider kernel calls (backends.fuse)
     tied = _tied_output_weight(module)
     # Collect first, then swap: replacing children while iterating named_modules() would skip or revisit some.
     # Exact type only: nn.Linear subclasses (e.g. inside nn.MultiheadAttention) may read .weight themselves.

@@ -59,10 +59,15 @@ class CostTimer:
     """
 
     @torch.inference_mode()
-    def __init__(self, model, ks: Sequence[int] = (1, 2, 4, 8, 16), context: int = 150, seed: int = 0):
+    def __init__(self, model, ks: Sequence[int] = (1, 2, 4, 8, 16), context: int = 150, seed: int = 0,
+                 lean: bool = False):
         from transformers import DynamicCache
 
+        from verispec.backends.lean import lean_decoder
+
         self.m = _module(model)
+        # lean=True times the forward a drafter runs (verispec.backends.lean) where the model family is known.
+        self.lean = lean_decoder(self.m) if lean else None
         self.ks = [int(k) for k in ks]
         if not self.ks or min(self.ks) < 1 or context < 1:
             raise ValueError("need ks >= 1 and context >= 1")
@@ -82,7 +87,10 @@ class CostTimer:
         """ms for one forward of k new tokens (logits for all k, as verification needs)."""
         ids = self.new_ids[:, :k]  # (1, k)
         t0 = time.perf_counter()
-        self.m(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=k)  # logits (1, k, V)
+        if self.lean is not None:
+            self.m.get_output_embeddings()(self.lean(ids, self.cache, k))  # logits (k, V)
+        else:
+            self.m(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=k)  # logits (1, k, V)
         dt = time.perf_counter() - t0
         self.cache.crop(-k)  # back to `context` tokens (negative = number of tokens to drop)
         if self.cache.get_seq_length() != self.context:
@@ -103,15 +111,16 @@ class CostTimer:
 
 
 def forward_cost_curve(model, ks: Sequence[int] = (1, 2, 4, 8, 16), context: int = 150, repeats: int = 7,
-                       warmup: int = 2, seed: int = 0) -> dict[int, float]:
+                       warmup: int = 2, seed: int = 0, lean: bool = False) -> dict[int, float]:
     """Median wall time in ms of a forward of k new tokens on a warm `context`-token KV cache, for each k in ks.
 
     model: an HF causal LM (nn.Module) or a verispec LoadedModel, on whatever backend it is on now. Runs `warmup`
-    untimed rounds, then `repeats` timed rounds over all ks. Returns {k: median ms}.
+    untimed rounds, then `repeats` timed rounds over all ks. Returns {k: median ms}. lean=True times a drafter's
+    forward (`verispec.backends.lean`) instead of transformers' where the model family is known.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("need repeats >= 1 and warmup >= 0")
-    timer = CostTimer(model, ks, context, seed)
+    timer = CostTimer(model, ks, context, seed, lean=lean)
     for _ in range(warmup):
         timer.round(record=False)
     for _ in range(repeats):

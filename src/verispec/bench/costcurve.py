@@ -22,8 +22,9 @@ def measure_costs(target: LoadedModel, drafter: LoadedModel | None, curve: bool 
 
 
 def drafter_curve(drafter: LoadedModel) -> dict[str, float]:
-    """The drafter's T(1) and T(2) in ms on a warm cache (what c = T_draft(1) / T(1) needs)."""
+    """The drafter's T(1) and T(2) in ms on a warm cache (what c = T_draft(1) / T(1) needs), timing the forward
+    drafting runs (the lean one where the model family is known, `verispec.backends.lean`)."""
     from verispec.backends.measure import forward_cost_curve
 
-    d = forward_cost_curve(drafter.model, ks=(1, 2), repeats=5, warmup=1)
+    d = forward_cost_curve(drafter.model, ks=(1, 2), repeats=5, warmup=1, lean=True)
     return {str(k): v for k, v in d.items()}

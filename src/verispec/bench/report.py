@@ -121,7 +121,9 @@ def markdown(s: dict) -> str:
         L += ["",
               f"T(1) = {t1:.0f} ms" + "".join(
                   f"; drafter T(1) = {v:.0f} ms" + (f" on `{b}`" if len(drafter_t1) > 1 else "") +
-                  f" (c = {v / t1:.3f})" for b, v in drafter_t1.items()) + ".", "",
+                  f" (c = {v / t1:.3f})" for b, v in drafter_t1.items()) + "." +
+              (" Drafter times are of the forward drafting runs (the lean one for Qwen2 / Llama drafters, "
+               "`verispec.backends.lean`)." if drafter_t1 else ""), "",
               "Predicted = (1 − α^(γ+1)) / ((1 − α)(γc + T(γ+1)/T(1))) from each method's measured α̂, mean γ and "
               "measured draft cost c (draft seconds per drafted token / T(1)). **Projected** = the same formula for a "
               "memory-bound accelerator (T(γ+1)/T(1) = 1, c = drafter/target parameter ratio): a projection, not a "

@@ -28,7 +28,7 @@ class DraftModelDrafter(Drafter):
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, stop_ids: frozenset[int] = frozenset(),
                  head: torch.nn.Module | None = None):
-        self.lm = CachedLM(model, vocab_size, head=head)
+        self.lm = CachedLM(model, vocab_size, head=head, lean=True)  # a drafter: the lean forward where known
         self.stop_ids = stop_ids
 
     @classmethod
