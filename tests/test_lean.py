@@ -132,3 +132,9 @@ def test_the_drafter_cost_curve_times_the_lean_forward(monkeypatch):
     assert len(calls) == 2  # one lean forward per k
     measure.forward_cost_curve(model, ks=(1, 2), context=8, repeats=1, warmup=0)
     assert len(calls) == 2  # the default times transformers' forward (what a target runs)
+
+
+def test_fusion_can_be_switched_off():
+    model = apply_backend(tiny_qwen2(), "fast-int8", fuse=False)
+    assert not any(isinstance(m, FusedPart) for m in model.modules())
+    assert lean_decoder(model) is not None  # the lean forward also runs separate projections

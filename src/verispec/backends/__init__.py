@@ -95,7 +95,7 @@ def _unwrap(model) -> nn.Module:
 
 
 def apply_backend(model, name: str | None = "fast", *, force_fallback: bool = False, verify: bool = True,
-                  pack_tied: bool = True, release_mapped: bool = True):
+                  pack_tied: bool = True, release_mapped: bool = True, fuse: bool = True):
     """Put `model` (an nn.Module or a verispec LoadedModel) on backend `name`, in place; return `model`.
 
     "fast" swaps every `nn.Linear` with an fp32 weight for a `FastLinear` (packed weight, dense one dropped);
@@ -105,6 +105,8 @@ def apply_backend(model, name: str | None = "fast", *, force_fallback: bool = Fa
     against F.linear on two probe rows and keeps the dense weight where they disagree. release_mapped=True then
     copies the tensors still living in a memory-mapped weight file (safetensors) into private memory so the
     mapping, and the dense weights' file pages with it, leave the process (`release_file_mappings`).
+    fuse=True (lossy backends only) first fuses q/k/v and gate/up of Qwen2 / Llama blocks into one linear each
+    (`verispec.backends.fuse`); fuse=False keeps them separate (to measure what fusing buys).
     Layers already converted are left as they are (applying twice is a no-op); "torch" never changes anything
     (it does not undo "fast": reload the model for that).
     """
@@ -122,7 +124,7 @@ def apply_backend(model, name: str | None = "fast", *, force_fallback: bool = Fa
         warnings.warn("verispec: int8 linears unavailable or fallback forced; using the fp32 'fast' backend",
                       RuntimeWarning, stacklevel=2)
         name = "fast"
-    if name in LOSSY_BACKENDS:
+    if fuse and name in LOSSY_BACKENDS:
         fuse_projections(module)  # q/k/v and gate/up as one linear each: fewer, wider kernel calls (backends.fuse)
     tied = _tied_output_weight(module)
     # Collect first, then swap: replacing children while iterating named_modules() would skip or revisit some.

@@ -3,10 +3,10 @@ with none of its per-call machinery.
 
 Why: a drafter's draft step is a forward of one or two tokens, and for the 0.5B on "fast-int4" its linear kernels
 are only about half of the step. transformers' forward wraps them in per-layer Python (output capturing,
-mask construction, kwargs plumbing, attention-interface dispatch), which costs a fixed few ms per forward whatever
-the weights. Measured once on this machine (0.5B on "fast-int4", 150-token cache, one token): 24.8 ms per forward
-through transformers, 15.1 ms through this path with q/k/v and gate/up fused (`verispec.backends.fuse`).
-`python scripts/profile_draft_cost.py` reproduces the comparison in a real generation.
+mask construction, kwargs plumbing, attention-interface dispatch), which costs a fixed 1–2 ms per forward whatever
+the weights. `python scripts/drafter_forward.py` (0.5B on "fast-int4", 150-token cache, three alternating rounds in
+one process) measured T(1): transformers' forward 17.1–17.6 ms with separate projections and 16.3–16.5 ms with
+q/k/v and gate/up fused (`verispec.backends.fuse`); this forward 15.9–16.3 ms separate and 14.7–15.0 ms fused.
 
 Used only by drafters (`CachedLM(..., lean=True)`, see `verispec.drafters.draft_model`): a drafter's numbers only
 decide how many drafts are accepted, never the output, so this path need not reproduce transformers' rounding bit
