@@ -3,8 +3,9 @@
 Usage: python scripts/drafter_kernels.py   (run alone on an idle machine; about a minute)
 
 1. One-row linears over 24 Qwen2.5-0.5B-sized MLP blocks (896 -> 4864 -> 896) with distinct random weights, so
-   the weights are not in cache between calls, as in a real draft step: fp32 packed, dynamic int8, int4.
-2. Cost by row count of one 896 x 4864 layer (weights in cache): int4 kernel vs dynamic int8 vs fp32 packed.
+   the weights are not in cache between calls, as in a real draft step: fp32 packed, dynamic int8, int4 on
+   PyTorch's kernel ("int4 aten") and on ours ("int4 q4", backends/q4kernel.py, where this machine builds it).
+2. Cost by row count of one 896 x 4864 layer (weights in cache): the int4 kernels vs dynamic int8 vs fp32 packed.
 3. One `sampling.sample` draw over 151,936 ids against `torch.multinomial`, in a fresh process without and
    with `tune_allocator()` (page-fault costs depend on the process's allocation history).
 """
@@ -16,11 +17,15 @@ import subprocess
 import sys
 import time
 
+from unittest import mock
+
 import torch
 from torch import nn
 
 from verispec.backends.allocator import NO_MALLOPT_ENV
+from verispec.backends import int4 as int4_mod
 from verispec.backends.int4 import Int4Linear
+from verispec.backends.q4kernel import q4_kernel
 from verispec.backends.int8 import quantize_int8
 from verispec.backends.onednn import FastLinear
 
@@ -45,7 +50,13 @@ def make(kind: str, lin: nn.Linear) -> nn.Module:
         return FastLinear.from_linear(lin)
     if kind == "dynamic int8":
         return int8(lin)
-    return Int4Linear.from_linear(lin, wide=False)
+    if kind == "int4 aten":
+        with mock.patch.object(int4_mod, "q4_kernel", lambda: None):  # as where ours is not built
+            return Int4Linear.from_linear(lin, wide=False)
+    return Int4Linear.from_linear(lin, wide=False)  # "int4 q4"
+
+
+KINDS = ("fp32 packed", "dynamic int8", "int4 aten") + (("int4 q4",) if q4_kernel() is not None else ())
 
 
 @torch.inference_mode()
@@ -55,7 +66,7 @@ def main() -> None:
     shapes = [(H, F), (H, F), (F, H)] * 24  # gate, up, down per block
 
     print("1. one row through 24 MLP blocks, cold weights (ms)")
-    for kind in ("fp32 packed", "dynamic int8", "int4"):
+    for kind in KINDS:
         layers = [make(kind, nn.Linear(i, o, bias=False)) for i, o in shapes]
         xs = [torch.randn(1, i) for i, _ in shapes]
         print(f"   {kind:13s} {ms(lambda: [m(x) for m, x in zip(layers, xs)]):7.2f}")
@@ -63,7 +74,7 @@ def main() -> None:
 
     print("2. one 896 x 4864 layer by rows (ms)")
     lin = nn.Linear(H, F, bias=False)
-    mods = {k: make(k, lin) for k in ("int4", "dynamic int8", "fp32 packed")}
+    mods = {k: make(k, lin) for k in KINDS[::-1]}
     print("   rows " + " ".join(f"{k:>13s}" for k in mods))
     for rows in (1, 2, 4, 8, 16, 150):
         x = torch.randn(rows, H)

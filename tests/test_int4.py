@@ -1,9 +1,12 @@
 """Backend "fast-int4": the group-wise int4 weight-only linear equals F.linear on its own dequantized weight (up to
-bf16 activations), layers it cannot take stay fp32, its fallbacks, and a drafter on it leaves the output exact."""
+bf16 activations on PyTorch's kernel, int8 activations on ours), layers it cannot take stay fp32, its fallbacks, and
+a drafter on it leaves the output exact."""
 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 import torch
@@ -15,11 +18,21 @@ from torch import nn
 from verispec.backends import FastLinear, apply_backend, backend_of, weight_count
 from verispec.backends import int4 as int4_mod
 from verispec.backends.int4 import Int4Linear, int4_available, quantize_groups
+from verispec.backends.q4kernel import q4_kernel
 from verispec.cache import output_width
 from tests.conftest import tiny_llama
 from tests.test_backend import PROMPT, greedy, linears, make_input
 
 needs_int4 = pytest.mark.skipif(not int4_available(), reason="torch build lacks the CPU int4 weight-only kernel")
+# "aten": PyTorch's int4 kernel; "q4": our VNNI kernel (backends/q4kernel.py), where this machine builds it
+KERNELS = ["aten"] + (["q4"] if q4_kernel() is not None else [])
+
+
+@contextmanager
+def kernel(name: str):
+    """Int4Linear layers built inside take kernel `name` ("aten" = as on a machine where ours is unavailable)."""
+    with mock.patch.object(int4_mod, "q4_kernel", (lambda: None) if name == "aten" else q4_kernel):
+        yield
 
 
 def dequantized(w: torch.Tensor, g: int) -> torch.Tensor:
@@ -44,8 +57,10 @@ def test_group_quantization_error_is_at_most_half_a_step():
 @needs_int4
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 80), groups=st.integers(1, 3), gs=st.sampled_from([32, 64]), rows=st.integers(1, 16),
-       three_d=st.booleans(), contiguous=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_int4_linear_equals_f_linear_on_its_dequantized_weight(n, groups, gs, rows, three_d, contiguous, bias, seed):
+       three_d=st.booleans(), contiguous=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16),
+       kern=st.sampled_from(KERNELS))
+def test_int4_linear_equals_f_linear_on_its_dequantized_weight(n, groups, gs, rows, three_d, contiguous, bias, seed,
+                                                                kern):
     k = groups * gs
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, n, bias=bias)
@@ -53,23 +68,41 @@ def test_int4_linear_equals_f_linear_on_its_dequantized_weight(n, groups, gs, ro
         lin.weight.copy_(torch.randn(n, k, generator=g))
         if bias:
             lin.bias.copy_(torch.randn(n, generator=g))
-    layer = Int4Linear.from_linear(lin, group_size=gs, wide=False)  # the int4 kernel for every row count
+    with kernel(kern):
+        layer = Int4Linear.from_linear(lin, group_size=gs, wide=False)  # the int4 kernel for every row count
+    assert layer is not None and layer.kernel == (kern if gs == 32 else "aten")  # ours takes groups of 32 only
     assert layer is not None and layer.out_features == n and layer.in_features == k and layer.wide is None
     x = make_input(rows, k, three_d, contiguous, seed)
     with torch.inference_mode():
         y = layer(x)
-    # the kernel sees the input rounded to bf16
-    ref = F.linear(x.to(torch.bfloat16).float(), dequantized(lin.weight, gs), lin.bias).detach()
-    assert y.shape == ref.shape and y.dtype == torch.float32
-    # the kernel returns bf16: ~2^-8 relative to the output's size
+    assert y.shape == (*x.shape[:-1], n) and y.dtype == torch.float32
+    deq = dequantized(lin.weight, gs)  # (n, k)
+    if layer.kernel == "q4":
+        # our kernel rounds each group of 32 inputs to int8 (step max|x| / 127) in the term Σ q·d·x only (the
+        # min term takes the exact sum of x): output n is off by at most half a step per input times Σ q·d
+        ref = F.linear(x.float(), deq, lin.bias).detach()
+        xs = x.reshape(-1, k).float()
+        q, scale, _ = quantize_groups(lin.weight, 32)
+        qd = (q.reshape(n, -1, 32).float() * scale[..., None]).sum(-1)  # (n, G)
+        bound = (xs.reshape(-1, k // 32, 32).abs().amax(-1) / 254) @ qd.T  # (M, n)
+        assert bool(((y - ref).reshape(-1, n).abs() <= bound * (1 + 1e-4) + 1e-4 * (1 + ref.abs().reshape(-1, n))).all())
+        return
+    # PyTorch's kernel sees the input rounded to bf16 and returns bf16: ~2^-8 relative to the output's size
+    ref = F.linear(x.to(torch.bfloat16).float(), deq, lin.bias).detach()
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2 * (1 + float(ref.abs().max())))
 
 
 @needs_int4
-def test_int4_linear_edge_inputs():
+@pytest.mark.parametrize("kern", KERNELS)
+def test_int4_linear_edge_inputs(kern):
     lin = nn.Linear(64, 20)  # 20 outputs: padded to 32 inside, sliced back
-    layer = Int4Linear.from_linear(lin)
-    assert layer.packed.dtype == torch.uint8 and layer.scales_and_zeros.shape == (2, 32, 2)
+    with kernel(kern):
+        layer = Int4Linear.from_linear(lin)
+    assert layer.packed.dtype == torch.uint8
+    if kern == "q4":
+        assert layer.packed.shape == (2, 2, 256) and layer.scales.shape == layer.mins.shape == (2, 2, 16)
+    else:
+        assert layer.scales_and_zeros.shape == (2, 32, 2)
     with torch.inference_mode():
         assert layer(torch.zeros(0, 64)).shape == (0, 20)
         assert layer(torch.randn(2, 3, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
@@ -151,14 +184,17 @@ def test_falls_back_to_int8_when_the_kernel_is_missing(monkeypatch, pair):
 
 
 @needs_int4
-def test_probe_disagreement_keeps_the_layer_fp32(monkeypatch):
-    real = int4_mod._int4_mm
-    monkeypatch.setattr(int4_mod, "_int4_mm", lambda *a: real(*a) * 2)  # a kernel that computes the wrong thing
-    assert Int4Linear.from_linear(nn.Linear(64, 16)) is None
-    m = apply_backend(tiny_llama(64, seed=3), "fast-int4")  # every layer disagrees: all stay fp32 "fast"
-    assert not any(isinstance(x, Int4Linear) for x in m.modules())
-    monkeypatch.undo()
-    assert Int4Linear.from_linear(nn.Linear(64, 16)) is not None
+@pytest.mark.parametrize("kern", KERNELS)
+def test_probe_disagreement_keeps_the_layer_fp32(monkeypatch, kern):
+    fn = "_int4_mm" if kern == "aten" else "q4_mm"
+    real = getattr(int4_mod, fn)
+    monkeypatch.setattr(int4_mod, fn, lambda *a: real(*a) * 2)  # a kernel that computes the wrong thing
+    with kernel(kern):
+        assert Int4Linear.from_linear(nn.Linear(64, 16)) is None
+        m = apply_backend(tiny_llama(64, seed=3), "fast-int4")  # every layer disagrees: all stay fp32 "fast"
+        assert not any(isinstance(x, Int4Linear) for x in m.modules())
+        monkeypatch.undo()
+        assert Int4Linear.from_linear(nn.Linear(64, 16)).kernel == kern
 
 
 def test_drafters_loaded_by_name_get_the_cheapest_backend(tmp_path, pair, monkeypatch):
@@ -171,8 +207,11 @@ def test_drafters_loaded_by_name_get_the_cheapest_backend(tmp_path, pair, monkey
     assert drafter_backend("auto", "fast-int8") == "fast-int8"
     monkeypatch.setattr(backends, "native_bf16", lambda: True)
     assert resolve_backend("auto-draft") == ("fast-int4" if int4_available() else "fast-int8")
-    monkeypatch.setattr(backends, "native_bf16", lambda: False)  # int4's kernel wants bf16 instructions
+    monkeypatch.setattr(backends, "native_bf16", lambda: False)  # PyTorch's int4 kernel wants bf16 instructions,
+    monkeypatch.setattr(backends, "q4_kernel", lambda: None)  # ours AVX-512 VNNI: without either, int8 is cheaper
     assert resolve_backend("auto-draft") == "fast-int8"
+    monkeypatch.setattr(backends, "q4_kernel", lambda: object())
+    assert resolve_backend("auto-draft") == ("fast-int4" if int4_available() else "fast-int8")
     monkeypatch.undo()
     target, _ = pair
     tiny_llama(64, seed=2, layers=1, scale=20.0).save_pretrained(tmp_path)  # hidden 32: int4-able

@@ -89,7 +89,8 @@ class CachedLM:
         input_ids = torch.tensor([new], dtype=torch.long, device=self.device)  # (1, T)
         if self.lean is not None:
             hidden = self.lean(input_ids, self.cache, n_logits)  # (n_logits, H)
-            logits = (self.head or self.model.get_output_embeddings())(hidden)  # (n_logits, V)
+            head = self.head if self.head is not None else self.model.get_output_embeddings()
+            logits = head(hidden)  # (n_logits, V)
         elif self.head is not None:
             hidden = self.model.get_decoder()(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
             logits = self.head(hidden.last_hidden_state[0, -n_logits:])  # (n_logits, V)

@@ -11,11 +11,14 @@
 - "fast-int8" (lossy, for drafters): dynamically quantized linears, int8 weights per channel and int8
            activations per call (`verispec.backends.int8`); falls back to "fast" where int8 is unavailable.
 - "auto-draft": what a drafter that verispec loads by name gets when the target runs on "auto": the cheapest
-           lossy backend here — "fast-int4" on a CPU with native bf16 (its kernel rounds activations to bf16),
-           else "fast-int8", else "fast"; "torch" off CPU. A drafter changes only speed, never the output.
-- "fast-int4" (lossy, for drafters): weight-only 4-bit group-quantized linears with bf16 activations
-           (`verispec.backends.int4`), half the bytes of int8 — the cheapest 1-row forward here; layers the kernel
-           cannot take stay "fast"; falls back to "fast-int8" where the kernel is missing.
+           lossy backend here — "fast-int4" on a CPU with native bf16 or AVX-512 VNNI (the instructions its kernels
+           need to be fast), else "fast-int8", else "fast"; "torch" off CPU. A drafter changes only speed, never the
+           output.
+- "fast-int4" (lossy, for drafters): 4-bit group-quantized weights (`verispec.backends.int4`), half the bytes of
+           int8 — the cheapest 1-row forward here. On an AVX-512 VNNI CPU our own kernel runs them with int8
+           activations (`verispec.backends.q4kernel`, built on first use); elsewhere PyTorch's int4 kernel with bf16
+           activations. Layers the kernels cannot take stay "fast"; falls back to "fast-int8" where PyTorch's int4
+           kernel is missing.
            A target put on a lossy backend *is* the reduced model: losslessness then holds relative to it.
            The lossy backends also fuse q/k/v and gate/up into one linear each in Qwen2 / Llama models
            (`verispec.backends.fuse`); drafters of those families run `verispec.backends.lean`'s forward.
@@ -45,6 +48,7 @@ from torch import nn
 from verispec.backends.fuse import fuse_projections
 from verispec.backends.int4 import Int4Linear, int4_available
 from verispec.backends.int8 import int8_available, is_int8_linear, quantize_int8
+from verispec.backends.q4kernel import q4_kernel
 from verispec.backends.onednn import FORCE_FALLBACK_ENV, FastLinear, fallback_forced, onednn_available
 
 BACKENDS = ("torch", "fast", "auto", "auto-draft", "fast-bf16", "fast-int8", "fast-int4")
@@ -63,7 +67,8 @@ def resolve_backend(name: str | None, model: nn.Module | None = None) -> str:
     if name == "auto-draft":
         if resolve_backend("auto", model) == "torch":
             return "torch"
-        return "fast-int4" if int4_available() and native_bf16() else "fast-int8" if int8_available() else "fast"
+        int4_fast = int4_available() and (native_bf16() or q4_kernel() is not None)  # bf16 for PyTorch's kernel
+        return "fast-int4" if int4_fast else "fast-int8" if int8_available() else "fast"
     if name != "auto":
         return name
     on_cpu = model is None or all(p.device.type == "cpu" for p in model.parameters())
