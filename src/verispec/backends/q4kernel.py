@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 import warnings
 
 import torch
@@ -144,6 +145,8 @@ def q4_kernel():
                                     " ".join(sorted(flags))]).encode()).hexdigest()[:16]
     build = cache_root() / "kernels" / f"q4_{key}"
     try:
+        if not any(build.glob("*.so")):
+            print(f"[verispec] building the q4 kernel into {build} (once, ~25 s)", file=sys.stderr, flush=True)
         build.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load_inline
 
