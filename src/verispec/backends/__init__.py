@@ -48,7 +48,7 @@ from torch import nn
 from verispec.backends.fuse import fuse_projections
 from verispec.backends.int4 import Int4Linear, int4_available
 from verispec.backends.int8 import int8_available, is_int8_linear, quantize_int8
-from verispec.backends.q4kernel import q4_kernel
+from verispec.backends.q4kernel import _cpu_flags as cpu_flags, q4_kernel
 from verispec.backends.onednn import FORCE_FALLBACK_ENV, FastLinear, fallback_forced, onednn_available
 
 BACKENDS = ("torch", "fast", "auto", "auto-draft", "fast-bf16", "fast-int8", "fast-int4")
@@ -86,11 +86,7 @@ def drafter_backend(backend: str | None, drafter_backend: str | None = None) -> 
 @functools.lru_cache(maxsize=1)
 def native_bf16() -> bool:
     """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), from /proc/cpuinfo; False where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

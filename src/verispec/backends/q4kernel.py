@@ -123,6 +123,8 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where unknown); `verispec.backends.native_bf16` reads them
+    too."""
     try:
         with open("/proc/cpuinfo") as f:
             return set(next((line for line in f if line.startswith("flags")), "").split())

@@ -102,7 +102,7 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
     config = {"target": target, "drafter": drafter, "methods": [s.label for s in specs], "dataset": dataset,
               "num_prompts": len(prompts), "prompt_ids": [p.id for p in prompts], "max_new_tokens": max_new_tokens,
               "gamma": gamma, "sampling": asdict(sampling), "seed": seed, "warmup": warmup, "repeats": repeats,
-              "backend": backend, "drafter_backend": default_drafter_backend(backend, drafter_backend)}
+              "backend": backend, "drafter_backend": default_db}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done: set[tuple] = set()
