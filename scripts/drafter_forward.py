@@ -1,7 +1,7 @@
 """What the fused projections, the lean forward and our q4 kernel buy a drafter: T(1) and T(2) of the 0.5B drafter's
-forward on a warm 150-token cache, through transformers' forward and through `verispec.backends.lean`, with q/k/v
+forward on a warm 150-token cache, through transformers' forward and through `verispec.rewrites.lean`, with q/k/v
 and gate/up separate and fused, and (on "fast-int4") on PyTorch's int4 kernel ("aten") and on ours ("q4",
-`verispec.backends.q4kernel`, where this machine builds it).
+`verispec.kernels.q4kernel`, where this machine builds it).
 Usage: python scripts/drafter_forward.py [backend [rounds]]   (default: fast-int4, 3 rounds)
 
 All copies of the drafter are held at once and timed in alternating rounds (medians of 7 timed forwards each), so
@@ -15,10 +15,10 @@ from unittest import mock
 
 import verispec
 from verispec.backends import apply_backend
-from verispec.backends import int4 as int4_mod
-from verispec.backends.allocator import tune_allocator
-from verispec.backends.measure import forward_cost_curve
-from verispec.backends.q4kernel import q4_kernel
+from verispec.kernels import int4 as int4_mod
+from verispec.allocator import tune_allocator
+from verispec.bench.measure import forward_cost_curve
+from verispec.kernels.q4kernel import q4_kernel
 
 
 def main(backend: str = "fast-int4", rounds: int = 3) -> None:

@@ -1,10 +1,10 @@
-"""Micro-benchmarks behind the drafter backends' docstrings (backends/int4.py, backends/allocator.py).
+"""Micro-benchmarks behind the drafter backends' docstrings (kernels/int4.py, allocator.py).
 
 Usage: python scripts/drafter_kernels.py   (run alone on an idle machine; about a minute)
 
 1. One-row linears over 24 Qwen2.5-0.5B-sized MLP blocks (896 -> 4864 -> 896) with distinct random weights, so
    the weights are not in cache between calls, as in a real draft step: fp32 packed, dynamic int8, int4 on
-   PyTorch's kernel ("int4 aten") and on ours ("int4 q4", backends/q4kernel.py, where this machine builds it).
+   PyTorch's kernel ("int4 aten") and on ours ("int4 q4", kernels/q4kernel.py, where this machine builds it).
 2. Cost by row count of one 896 x 4864 layer (weights in cache): the int4 kernels vs dynamic int8 vs fp32 packed.
 3. One `sampling.sample` draw over 151,936 ids against `torch.multinomial`, in a fresh process without and
    with `tune_allocator()` (page-fault costs depend on the process's allocation history).
@@ -22,12 +22,12 @@ from unittest import mock
 import torch
 from torch import nn
 
-from verispec.backends.allocator import NO_MALLOPT_ENV
-from verispec.backends import int4 as int4_mod
-from verispec.backends.int4 import Int4Linear
-from verispec.backends.q4kernel import q4_kernel
-from verispec.backends.int8 import quantize_int8
-from verispec.backends.onednn import FastLinear
+from verispec.allocator import NO_MALLOPT_ENV
+from verispec.kernels import int4 as int4_mod
+from verispec.kernels.int4 import Int4Linear
+from verispec.kernels.q4kernel import q4_kernel
+from verispec.kernels.int8 import quantize_int8
+from verispec.kernels.onednn import FastLinear
 
 
 def ms(fn, reps: int = 20) -> float:
@@ -89,7 +89,7 @@ def main() -> None:
 
 def draw() -> None:
     """Section 3 in a fresh process: one token from 151,936 ids, multinomial vs verispec's sample."""
-    from verispec.backends.allocator import tune_allocator
+    from verispec.allocator import tune_allocator
     from verispec.sampling import sample
 
     tune_allocator()  # a no-op when VERISPEC_NO_MALLOPT=1

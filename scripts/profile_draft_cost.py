@@ -17,7 +17,7 @@ PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
 def main(n: int = 64) -> None:
-    from verispec.backends.allocator import tune_allocator
+    from verispec.allocator import tune_allocator
 
     tune_allocator()  # as the `verispec` command does
     target = verispec.load_model("qwen2.5-coder-1.5b")

@@ -19,8 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import verispec
 from verispec.backends import (FORCE_FALLBACK_ENV, FastLinear, apply_backend, backend_of, onednn_available,
                                resolve_backend, weight_count)
-from verispec.backends import onednn
-from verispec.backends.measure import forward_cost_curve, format_table
+from verispec.kernels import onednn
+from verispec.bench.measure import forward_cost_curve, format_table
 from verispec.cache import output_width
 from tests.conftest import tiny_llama, word_tokenizer
 
@@ -276,7 +276,7 @@ def test_forward_cost_curve_on_tiny_model():
 
 
 def test_measure_command_on_a_local_model(tmp_path, capsys):
-    from verispec.backends.measure import main
+    from verispec.bench.measure import main
 
     words = ["<unk>"] + [f"w{i}" for i in range(63)]
     tiny_llama(64, seed=1, scale=20.0).save_pretrained(tmp_path)
@@ -367,7 +367,7 @@ def test_lossy_drafter_backends_keep_target_output(pair, name):
 
 def test_int8_falls_back_to_fast_when_forced(pair):
     target, _ = pair
-    with pytest.warns(RuntimeWarning, match="fp32 'fast' backend"):
+    with pytest.warns(RuntimeWarning, match="using the 'fast' backend"):
         m = apply_backend(copy.deepcopy(target.model), "fast-int8", force_fallback=True)
     assert backend_of(m) == "fast"
     assert greedy(m) == greedy(target.model)

@@ -181,9 +181,13 @@ def test_datasets_are_seeded_offline_and_categorised():
 
 
 def test_method_specs():
-    specs = parse_methods("ar,sd:gamma=6:x=0.5,hf-pld")
-    assert [s.label for s in specs] == ["ar", "sd:gamma=6:x=0.5", "hf-pld"]
-    assert specs[1].params == {"gamma": 6, "x": 0.5} and specs[1].needs_drafter and specs[2].peer
-    for bad in ("nope", "sd:gamma", "ar,ar"):
-        with pytest.raises(ValueError):
+    specs = parse_methods("ar,sd:gamma=6:draft_vocab=8,hf-pld,sd:policy=egag:gamma_max=5")
+    assert [s.label for s in specs] == ["ar", "sd:gamma=6:draft_vocab=8", "hf-pld", "sd:policy=egag:gamma_max=5"]
+    assert specs[1].params == {"gamma": 6, "draft_vocab": 8} and specs[1].needs_drafter and specs[2].peer
+    # names and options are checked against the registry before any model is loaded
+    for bad, match in (("nope", "unknown method"), ("sd:gamma", "key=value"), ("ar,ar", "twice"),
+                       ("sd:x=0.5", "unknown option.*x.*draft_vocab"), ("sd:policy=egag:eps=0.3", "unknown option.*policy 'egag' takes"),
+                       ("sd:policy=nope", "unknown policy"), ("beam:policy=egag", "no policy"),
+                       ("hf-ar:gamma=3", "unknown option"), ("hf-assisted:kernels=mine", "kernels")):
+        with pytest.raises(ValueError, match=match):
             parse_methods(bad)

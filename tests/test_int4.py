@@ -16,15 +16,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from verispec.backends import FastLinear, apply_backend, backend_of, weight_count
-from verispec.backends import int4 as int4_mod
-from verispec.backends.int4 import Int4Linear, int4_available, quantize_groups
-from verispec.backends.q4kernel import q4_kernel
+from verispec.kernels import int4 as int4_mod
+from verispec.kernels.int4 import Int4Linear, int4_available, quantize_groups
+from verispec.kernels.q4kernel import q4_kernel
 from verispec.cache import output_width
 from tests.conftest import tiny_llama
 from tests.test_backend import PROMPT, greedy, linears, make_input
 
 needs_int4 = pytest.mark.skipif(not int4_available(), reason="torch build lacks the CPU int4 weight-only kernel")
-# "aten": PyTorch's int4 kernel; "q4": our VNNI kernel (backends/q4kernel.py), where this machine builds it
+# "aten": PyTorch's int4 kernel; "q4": our VNNI kernel (kernels/q4kernel.py), where this machine builds it
 KERNELS = ["aten"] + (["q4"] if q4_kernel() is not None else [])
 
 
@@ -113,8 +113,8 @@ def test_int4_linear_edge_inputs(kern):
 
 @needs_int4
 def test_wide_inputs_take_the_int8_copy():
-    from verispec.backends.int4 import WIDE_ROWS
-    from verispec.backends.int8 import int8_available, is_int8_linear
+    from verispec.kernels.int4 import WIDE_ROWS
+    from verispec.kernels.int8 import int8_available, is_int8_linear
 
     if not int8_available():
         pytest.skip("no int8 engine: every input takes the int4 kernel")
@@ -151,7 +151,9 @@ def test_model_on_fast_int4_keeps_only_int4_and_fallback_linears():
         ids = torch.tensor([PROMPT])
         rel = float((m(ids).logits - model(ids).logits).abs().max() / model(ids).logits.abs().max())
     assert 0 < rel < 0.2  # lossy, but the same model
-    assert len(greedy(m, n=10)) == 10 and len(ref) == 40  # runs end to end (its tokens may differ: it is int4)
+    assert len(greedy(model, drafter=m, n=10)) == 10 and len(ref) == 40  # drafts end to end
+    with pytest.raises(ValueError, match="'fast-int4' cannot serve a target"):
+        greedy(m, n=4)  # its logits depend on the row count (the int8 copy): never a target
     odd = apply_backend(tiny_llama(64, seed=3, hidden=48), "fast-int4")  # K = 48: those layers stay fp32 fast
     assert any(isinstance(x, FastLinear) for x in odd.modules())
     assert any(isinstance(x, Int4Linear) for x in odd.modules())  # the 96-wide down projection fits

@@ -1,4 +1,4 @@
-"""The lean drafter forward (verispec.backends.lean) and fused projections (verispec.backends.fuse)."""
+"""The lean drafter forward (verispec.rewrites.lean) and fused projections (verispec.rewrites.fuse)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, Qwen2Config,
 
 import verispec
 from verispec.backends import apply_backend, weight_count
-from verispec.backends.fuse import FusedPart, fuse_projections
-from verispec.backends.int4 import int4_available
-from verispec.backends.lean import lean_decoder
+from verispec.rewrites.fuse import FusedPart, fuse_projections
+from verispec.kernels.int4 import int4_available
+from verispec.rewrites.lean import lean_decoder
 from verispec.cache import CachedLM
 from verispec.drafters.draft_model import DraftModelDrafter
 from verispec.models import LoadedModel
@@ -120,8 +120,8 @@ def test_a_lean_drafter_keeps_the_target_output(backend):
 
 
 def test_the_drafter_cost_curve_times_the_lean_forward(monkeypatch):
-    from verispec.backends import measure
-    from verispec.backends.lean import LeanDecoder
+    from verispec.bench import measure
+    from verispec.rewrites.lean import LeanDecoder
 
     calls = []
     real = LeanDecoder.__call__

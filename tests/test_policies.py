@@ -13,7 +13,8 @@ import verispec
 from verispec.cache import CachedLM
 from verispec.drafters.draft_model import DraftModelDrafter
 from verispec.engine import decode
-from verispec.policies import POLICIES, AdaEDL, Confidence, EGAG, Heuristic, make_policy
+from verispec.policies import AdaEDL, Confidence, EGAG, Heuristic, make_policy
+from verispec.registry import POLICIES
 from verispec.policies.entropy import normalised_entropy
 from verispec.sampling import Sampling
 from verispec.types import Draft, VerifyResult

@@ -1,4 +1,4 @@
-"""Our AVX-512 VNNI 4-bit x 8-bit kernel (verispec.backends.q4kernel): equals its plain-torch formula, its build
+"""Our AVX-512 VNNI 4-bit x 8-bit kernel (verispec.kernels.q4kernel): equals its plain-torch formula, its build
 can be skipped or fail without harm."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from verispec.backends import q4kernel
-from verispec.backends.int4 import quantize_groups
-from verispec.backends.q4kernel import pack, q4_kernel, q4_mm, reference
+from verispec.kernels import q4kernel
+from verispec.kernels.int4 import quantize_groups
+from verispec.kernels.q4kernel import pack, q4_kernel, q4_mm, reference
 
 needs_q4 = pytest.mark.skipif(q4_kernel() is None, reason="no AVX-512 VNNI or no compiler: the kernel is not built")
 
@@ -84,7 +84,7 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path):
         raise OSError("no compiler here")
 
     monkeypatch.setenv("VERISPEC_HOME", str(tmp_path))
-    monkeypatch.setattr(q4kernel, "_cpu_flags", lambda: set(q4kernel.NEEDED_FLAGS))
+    monkeypatch.setattr(q4kernel, "cpu_flags", lambda: frozenset(q4kernel.NEEDED_FLAGS))
     monkeypatch.setattr(ext, "load_inline", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -93,6 +93,6 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path):
 
 
 def test_cpus_without_vnni_do_not_build(monkeypatch):
-    monkeypatch.setattr(q4kernel, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(q4kernel, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     monkeypatch.setattr("torch.utils.cpp_extension.load_inline", lambda *a, **k: pytest.fail("built anyway"))
     assert q4kernel.q4_kernel.__wrapped__() is None

@@ -16,7 +16,7 @@ from verispec.cache import CachedLM
 from verispec.datastore import (SEP, Datastore, DatastoreError, DatastoreMismatchError, build_datastore,
                                 build_datastore_file, corpus_files, find, suffix_array)
 from verispec.datastore_cli import register
-from verispec.drafters import DRAFTERS
+from verispec.registry import METHODS
 from verispec.drafters.rest import RestDrafter
 from verispec.engine import decode
 from verispec.models import LoadedModel
@@ -141,7 +141,7 @@ def test_drafter_stops_at_stop_tokens_and_when_the_policy_says_so():
             super().__init__(8)
             self.k, self.calls = k, []
 
-        def keep_drafting(self, i, q_i):
+        def keep_drafting(self, i, q_i, logits_i=None):
             self.calls.append((i, q_i))
             return i + 1 < self.k
 
@@ -370,8 +370,8 @@ def test_the_distribution_check_catches_a_verifier_that_ignores_p():
 
 
 def test_rest_is_registered_as_a_model_free_method():
-    factory, needs_model = DRAFTERS["rest"]
-    assert needs_model is False and factory.__self__ is RestDrafter
+    m = METHODS["rest"]
+    assert not m.needs_draft_model and m.tree and m.load().__self__ is RestDrafter
 
 
 def test_tiny_real_tokenizer_path(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from verispec.backends.allocator import NO_MALLOPT_ENV, tune_allocator
+from verispec.allocator import NO_MALLOPT_ENV, tune_allocator
 from verispec.sampling import sample
 
 

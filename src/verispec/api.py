@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
+from verispec.backends import check_target, drafter_backend as default_for_drafter
 from verispec.cache import CachedLM
-from verispec.drafters import DRAFTERS
 from verispec.engine import decode
 from verispec.models.load import LoadedModel, check_compatible, load_model
-from verispec.policies import POLICIES
 from verispec.policies.base import DraftPolicy
+from verispec.registry import METHODS, Method, method as method_record, policy as policy_record, route_options
 from verispec.sampling import Sampling
 from verispec.types import GenerationStats
 from verispec.verifiers import RejectionVerifier
-
-METHODS = (*DRAFTERS, "beam")
 
 
 @dataclass
@@ -39,21 +36,20 @@ class _Ctx:
     options: dict
 
 
-def resolve_policy(policy, gamma: int, options: dict) -> tuple[DraftPolicy, dict]:
-    """A policy object, or a registry name built from the options its constructor accepts (`gamma` seeds γ or
-    γ_max); the remaining options go to the drafter."""
+def resolve_policy(m: Method, policy, gamma: int, options: dict) -> tuple[DraftPolicy | None, dict]:
+    """(the draft-length policy, the method's own options). `policy` is a DraftPolicy, a registry name or None
+    ("fixed"); `gamma` seeds the policy's γ or γ_max unless an option sets it. Options are routed by the registry's
+    lists; a baseline (beam) drafts nothing and takes no policy."""
+    if m.kind == "baseline":
+        if policy not in (None, "fixed"):
+            raise ValueError(f"method {m.name!r} drafts nothing: it takes no draft-length policy")
+        return None, route_options(m, None, options)[0]
     if isinstance(policy, DraftPolicy):
-        return policy, options
-    cls = POLICIES.get(policy or "fixed")
-    if cls is None:
-        raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    mine = {k: v for k, v in options.items() if k in accepted}
-    if "gamma" in accepted:
-        mine.setdefault("gamma", gamma)
-    elif "gamma_max" in accepted:
-        mine.setdefault("gamma_max", gamma)
-    return cls(**mine), {k: v for k, v in options.items() if k not in accepted}
+        return policy, route_options(m, None, options)[0]
+    rec = policy_record(policy or "fixed")
+    mine, theirs = route_options(m, rec, options)
+    theirs.setdefault(rec.gamma_option, gamma)
+    return rec.load()(**theirs), mine
 
 
 def encode_prompt(target: LoadedModel, prompt, max_positions: int | None = None) -> list[int]:
@@ -85,47 +81,43 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
              **options) -> GenerationOutput:
     """Generate a continuation of `prompt` (text or token ids) with the target's exact distribution.
 
-    method: "ar" (autoregressive), "sd" (draft-model speculative sampling), "beam", or any registered drafter
-    name; default "sd" when a drafter model is given, else "ar". sampling: Sampling(temperature=0) is greedy.
-    policy: a DraftPolicy or a registry name ("fixed", "egag", "heuristic", "confidence", "adaedl"); extra keyword
-    options go to the policy when its constructor takes them, else to the drafter.
-    backend / drafter_backend: how models that verispec loads by name run (see verispec.load_model).
+    method: a name from `verispec.registry.METHODS` ("ar", "sd", "nasd", "pld", "nasd+sd", "rest", "lookahead",
+    "beam"); default "sd" when a drafter model is given, else "ar". sampling: Sampling(temperature=0) is greedy.
+    policy: a DraftPolicy or a policy name from `verispec.registry.POLICIES`; extra keyword options go to the
+    method or the policy by the options each record lists (an option neither takes is an error).
+    backend / drafter_backend: how models that verispec loads by name run (see verispec.load_model). The target's
+    backend must be one that can serve a target (`verispec.backends`: not the lossy drafter backends).
     """
     sampling = sampling or Sampling()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    method = method or ("sd" if drafter is not None else "ar")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    if method == "beam":
-        policy = None  # beam search drafts nothing; its options (num_beams, length_penalty) go to it
-    else:
-        policy, options = resolve_policy(policy, gamma, options)
+    m = method_record(method or ("sd" if drafter is not None else "ar"))
+    if m.kind == "peer":
+        raise ValueError(f"method {m.name!r} is a benchmark peer (another engine's own generation): run it with "
+                         f"`verispec bench --methods {m.name}`")
+    policy, options = resolve_policy(m, policy, gamma, options)
+    check_target(backend)
     target = load_model(target, backend=backend)
+    check_target(target.backend)  # a model object passed in may already be on a drafter-only backend
     prompt_ids = encode_prompt(target, prompt)
     _check_length(target, len(prompt_ids), max_new_tokens)
     generator = torch.Generator().manual_seed(sampling.seed)
 
     draft_model = None
-    if method == "beam":
-        from verispec.beam import beam_search
-
-        ids, stats = beam_search(target.model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=target.stop_ids,
-                                 **options)
+    if m.kind == "baseline":
+        ids, stats = m.load()(target.model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=target.stop_ids,
+                              **options)
     else:
-        factory, needs_model = DRAFTERS[method]
-        if needs_model:
+        if m.needs_draft_model:
             if drafter is None:
-                raise ValueError(f"method {method!r} needs a drafter model (drafter=...)")
-            from verispec.backends import drafter_backend as default_for_drafter
-
-            # "auto-draft" unless one is named; load_model leaves a model object passed in as it is
+                raise ValueError(f"method {m.name!r} needs a drafter model (drafter=...)")
+            # "auto-draft" unless one is named; a model object passed in is converted only as a copy
             draft_model = load_model(drafter, backend=default_for_drafter(backend, drafter_backend))
             check_compatible(target, draft_model)
-        d = factory(_Ctx(target, draft_model, target.stop_ids, options))
+        d = m.load()(_Ctx(target, draft_model, target.stop_ids, options))
         ids, stats = decode(CachedLM(target.model), d, verifier or RejectionVerifier(), policy, prompt_ids,
                             max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=target.stop_ids,
-                            method=method, generator=generator)
+                            method=m.name, generator=generator)
     text = target.tokenizer.decode(ids, skip_special_tokens=True) if target.tokenizer is not None else None
     return GenerationOutput(text, ids, prompt_ids, stats,
-                            (target.backend, draft_model.backend if method != "beam" and draft_model else None))
+                            (target.backend, draft_model.backend if draft_model is not None else None))

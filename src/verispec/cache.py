@@ -32,11 +32,11 @@ class CachedLM:
 
     def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, head=None, lean: bool = False):
         self.model = model
-        # lean=True (drafters only): chains run verispec.backends.lean's forward where the model family is known —
+        # lean=True (drafters only): chains run verispec.rewrites.lean's forward where the model family is known —
         # same operations, none of transformers' per-call overhead, not bit-identical to it. Targets never use it.
         self.lean = None
         if lean:
-            from verispec.backends.lean import lean_decoder
+            from verispec.rewrites.lean import lean_decoder
 
             self.lean = lean_decoder(model)
         # Optional replacement output layer: hidden (n, H) -> logits (n, vocab_size), run after the model's body

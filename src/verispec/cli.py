@@ -41,14 +41,14 @@ def _add_sampling(p):
 
 
 def _options(pairs: list[str] | None) -> dict:
-    from verispec.bench.methods import _value
+    from verispec.validate import parse_value
 
     out = {}
     for kv in pairs or []:
         if "=" not in kv:
             raise ValueError(f"--option {kv!r} must look like key=value")
         k, v = kv.split("=", 1)
-        out[k] = _value(v)
+        out[k] = parse_value(v)
     return out
 
 
@@ -98,12 +98,12 @@ def cmd_generate(a) -> int:
                             gamma=a.gamma, sampling=_sampling(a), max_new_tokens=a.max_new_tokens,
                             policy=a.policy, backend=a.backend, drafter_backend=a.drafter_backend, **options)
     s = out.stats.summary()
+    s["backends"] = f"{out.backends[0]}" + (f" / drafter {out.backends[1]}" if out.backends[1] else "")
     if a.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "stats": s}))
         return 0
     print(out.text)
     print("\n--- stats ---", file=sys.stderr)
-    s["backends"] = f"{out.backends[0]}" + (f" / drafter {out.backends[1]}" if out.backends[1] else "")
     keys = ["method", "backends", "prompt_tokens", "new_tokens", "steps", "drafted", "accepted", "recovered", "bonus",
             "acceptance_rate", "mat", "acceptance_by_position", "target_forwards", "drafter_forwards",
             "t_prefill", "t_draft", "t_verify", "t_other", "t_total", "tokens_per_s", "stop_reason"]
@@ -154,6 +154,19 @@ def cmd_experiment(a) -> int:
     return 0
 
 
+def cmd_methods(a) -> int:
+    from verispec.registry import describe
+
+    print(describe())
+    return 0
+
+
+def cmd_invariance(a) -> int:
+    from verispec.bench.invariance import main as invariance_main
+
+    return invariance_main(a.args)
+
+
 def cmd_theory(a) -> int:
     from verispec.bench.costmodel import theory_table
 
@@ -166,12 +179,21 @@ def cmd_theory(a) -> int:
     return 0
 
 
+def _names(records) -> str:
+    return ", ".join(records)
+
+
+TARGET_BACKEND_HELP = ("target backend: auto (fast packed fp32 linears on CPU, default), fast, or torch (transformers "
+                       "as built). The reduced-precision backends (fast-bf16 / fast-int8 / fast-int4) are for drafters "
+                       "only: their logits at a position depend on the rest of the forward")
 DRAFTER_BACKEND_HELP = ("drafter backend (default: auto-draft, the cheapest lossy backend here — fast-int4 or "
                         "fast-int8 — when --backend is auto, else as --backend; `fast` = the fp32 drafter). "
                         "A drafter's precision changes only speed and acceptance, never the output distribution")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from verispec.registry import METHODS, POLICIES
+
     p = argparse.ArgumentParser(prog="verispec", description="Lossless speculative decoding and its benchmark.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -185,10 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--target", required=True, help="registry name or local HF model folder")
     g.add_argument("--drafter", help="draft model (registry name or folder) for speculative methods")
-    g.add_argument("--method", help="ar | sd | nasd | pld | nasd+sd | rest | lookahead | beam (default: sd with a drafter, "
-                                    "else ar)")
+    g.add_argument("--method", help=f"{_names(m for m, r in METHODS.items() if r.kind != 'peer')} (default: sd "
+                                    f"with a drafter, else ar; `verispec methods` lists them with their options)")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verify round (default 4)")
-    g.add_argument("--policy", default="fixed", help="draft-length policy: fixed, egag, heuristic, confidence, adaedl")
+    g.add_argument("--policy", default="fixed", help=f"draft-length policy: {_names(POLICIES)}")
     g.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method or policy option, repeatable (e.g. --option max_n=3 --option gamma_max=8)")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -197,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file")
     g.add_argument("--humaneval", type=int, metavar="I", help="use HumanEval prompt number I (0-163)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text + stats")
-    g.add_argument("--backend", default="auto", help="auto (fast packed fp32 linears on CPU), torch, fast, or "
-                                                    "the explicitly lossy fast-bf16 / fast-int8 / fast-int4")
+    g.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
     g.add_argument("--drafter-backend", help=DRAFTER_BACKEND_HELP)
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
@@ -208,16 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", default="qwen2.5-coder-1.5b")
     b.add_argument("--drafter", default="qwen2.5-coder-0.5b")
     b.add_argument("--methods", default="ar,sd",
-                   help="comma-separated; parameters after colons, e.g. ar,sd,sd:gamma=8,hf-assisted,hf-pld "
-                        "(ar is always included)")
+                   help=f"comma-separated, from {_names(METHODS)}; parameters after colons, e.g. "
+                        "ar,sd,sd:gamma=8,sd:policy=egag:gamma_max=8,hf-assisted (ar is always included)")
     b.add_argument("--dataset", default="humaneval", help="humaneval or a .jsonl file of {'prompt': ...}")
     b.add_argument("--num-prompts", type=int, default=3, help="per dataset (seeded random subset)")
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--gamma", type=int, default=4, help="default γ for methods that draft (sd:gamma=6 overrides)")
     b.add_argument("--repeats", type=int, default=1, help="time the whole prompt set this many times")
-    b.add_argument("--backend", default="auto",
-                   help="target backend: auto (fast on CPU, default), torch (transformers as built), fast, or an "
-                        "explicitly lossy fast-bf16 / fast-int8 / fast-int4 (the target then *is* that reduced model)")
+    b.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
     b.add_argument("--drafter-backend", help=DRAFTER_BACKEND_HELP)
     b.add_argument("--compare-backends", default="", help="also measure the target's T(k) curve on these "
                                                           "backends, e.g. torch")
@@ -254,9 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--conditions", help="comma-separated subset of greedy,T=0.7,T=1.0 (default all)")
     e.add_argument("--out", default="runs/egag")
     e.add_argument("--resume", action="store_true")
-    e.add_argument("--backend", default="auto", help="target (and default drafter) backend, as in bench")
+    e.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
     e.add_argument("--drafter-backend", help=DRAFTER_BACKEND_HELP)
     e.set_defaults(func=cmd_experiment)
+
+    ms = sub.add_parser("methods", help="list every method and policy: what it needs, which options it takes")
+    ms.set_defaults(func=cmd_methods)
+
+    inv = sub.add_parser("invariance", add_help=False,
+                         help="measure, per backend, how far a position's logits move between an AR forward and a "
+                              "k-row chain or token-tree forward (`verispec invariance --help`)")
+    inv.add_argument("args", nargs=argparse.REMAINDER)
+    inv.set_defaults(func=cmd_invariance)
 
     from verispec.datastore_cli import register as register_datastore
 
@@ -266,10 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from verispec.backends.allocator import tune_allocator
+    from verispec.allocator import tune_allocator
     from verispec.models.errors import ModelError
 
-    tune_allocator()  # big per-step temporaries reuse heap pages (see backends/allocator.py; VERISPEC_NO_MALLOPT=1)
+    tune_allocator()  # big per-step temporaries reuse heap pages (see allocator.py; VERISPEC_NO_MALLOPT=1)
 
     try:
         return a.func(a)

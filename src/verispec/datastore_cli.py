@@ -1,12 +1,12 @@
 """`verispec datastore build|info`: build or inspect a REST datastore (He et al. 2024, "REST: Retrieval-Based
 Speculative Decoding"). Only the target's tokenizer is loaded, never its weights. Heavy imports stay inside the
-commands so `verispec --help` stays instant; `cli.py` wires this in with `register(sub)`."""
+commands so `verispec --help` stays instant; `cli.py` wires this in with `register(sub)` (this module imports
+nothing from the CLI)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -96,9 +96,3 @@ def register(subparsers) -> None:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
-
-
-if __name__ == "__main__":  # `python -m verispec.datastore_cli ...` is `verispec ...`
-    from verispec.cli import main
-
-    sys.exit(main())

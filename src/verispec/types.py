@@ -1,8 +1,8 @@
 """Small dataclasses passed between the engine's stages (proposer -> scorer -> verifier -> commit).
 
-Vocabulary follows vLLM's spec_decode and ../shared/FACTS.md: *accepted* tokens are drafts kept, the
-*recovered* token is sampled from the residual at the first rejection, the *bonus* token is sampled from the
-target when every draft was accepted.
+Vocabulary follows vLLM's spec_decode (see `verispec.metrics`): *accepted* tokens are drafts kept, the *recovered*
+token is sampled from the residual at the first rejection, the *bonus* token is sampled from the target when every
+draft was accepted.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from verispec.metrics import acceptance_by_position, speculative
 
 
 @dataclass
@@ -75,12 +77,6 @@ class VerifyResult:
         return draft.tokens[: self.accepted] + [self.token]
 
 
-def acceptance_by_position(drafted: list[int], accepted: list[int]) -> list[tuple[int, int]]:
-    """Per draft position i: (#rounds that drafted a token at i, #rounds that kept it), from per-round counts."""
-    width = max(drafted, default=0)
-    return [(sum(1 for d in drafted if d > i), sum(1 for a in accepted if a > i)) for i in range(width)]
-
-
 @dataclass
 class StepStats:
     """One engine step: one target forward over the pending token plus `drafted` drafts."""
@@ -115,6 +111,10 @@ class GenerationStats:
     stop_reason: str = ""
     extra: dict = field(default_factory=dict)  # method-specific results (e.g. a beam's score)
 
+    def speculative(self) -> dict:
+        """α̂, MAT, γ used, acceptance by position, ... (`verispec.metrics.speculative`)."""
+        return speculative([s.drafted for s in self.steps], [s.accepted for s in self.steps])
+
     @property
     def drafted(self) -> int:
         return sum(s.drafted for s in self.steps)
@@ -134,14 +134,12 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float | None:
         """α̂ = accepted / drafted (None when nothing was drafted)."""
-        d = self.drafted
-        return self.accepted / d if d else None
+        return self.speculative()["acceptance_rate"]
 
     @property
     def mat(self) -> float | None:
         """Mean accepted tokens per target forward = (accepted + recovered + bonus) / target forwards."""
-        n = len(self.steps)
-        return (self.accepted + self.recovered + self.bonus) / n if n else None
+        return self.speculative()["mat"]
 
     def acceptance_by_position(self) -> list[tuple[int, int]]:
         """[(drafted at position i, accepted at position i)] for i = 0 .. max draft length - 1."""
@@ -160,19 +158,13 @@ class GenerationStats:
         return sum(s.t_other for s in self.steps)
 
     def summary(self) -> dict:
-        by_pos = self.acceptance_by_position()
         return {
             "method": self.method,
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
-            "steps": len(self.steps),
-            "drafted": self.drafted,
-            "accepted": self.accepted,
+            **self.speculative(),
             "recovered": self.recovered,
             "bonus": self.bonus,
-            "acceptance_rate": self.acceptance_rate,
-            "mat": self.mat,
-            "acceptance_by_position": [a / d if d else None for d, a in by_pos],
             "target_forwards": self.target_forwards,
             "drafter_forwards": self.drafter_forwards,
             "target_prefill_forwards": self.target_prefill_forwards,

@@ -1,12 +1,10 @@
-"""Checks for method and policy options (the extra keyword arguments of `verispec.generate`), shared by the
-drafter and policy files.
+"""Checks for method and policy option values (the extra keyword arguments of `verispec.generate`), shared by the
+drafter and policy files; which options exist is the registry's business (`verispec.registry`).
 
 Impossible values end in a ValueError that names the option, the allowed range and the value received.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 
 def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
@@ -26,16 +24,6 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_known(options: dict, method: str, known: Iterable[str]) -> dict:
-    """Reject option names the method does not take (a typo would otherwise be ignored silently)."""
-    known = tuple(known)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {method!r}; "
-                         f"known: {', '.join(known) or 'none'}")
-    return options
-
-
 def check_unit(name: str, v, lo_open: bool = False, hi_open: bool = False) -> float:
     """Return float(v) if it lies in the unit interval [0, 1] (ends opened as asked), else raise ValueError."""
     ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and (0 < v if lo_open else 0 <= v)
@@ -43,3 +31,15 @@ def check_unit(name: str, v, lo_open: bool = False, hi_open: bool = False) -> fl
     if not ok:
         raise ValueError(f"{name} must be in {'(' if lo_open else '['}0, 1{')' if hi_open else ']'}, got {v!r}")
     return float(v)
+
+
+def parse_value(v: str):
+    """A command-line option value: '3' -> 3, '0.5' -> 0.5, 'true' / 'false' -> bool, anything else the string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v

@@ -1,78 +1,204 @@
-"""CPU execution backends: how a loaded model's linear layers are computed.
+"""CPU execution backends: how a loaded model's linear layers are computed. One registry of records.
 
-- "torch": the model as transformers built it (torch defaults: MKL `F.linear`). Nothing is changed.
-- "fast":  every fp32 `nn.Linear` (attention and MLP projections and the output layer / lm_head) is replaced in
-           place by `FastLinear`, which multiplies with a oneDNN pre-packed fp32 weight and drops the dense one.
-           Numerically fp32 (same sums in another order); greedy output is expected to stay token-identical.
-- "auto":  "fast" on a CPU model when oneDNN is available, else "torch".
-- "fast-bf16" (lossy, for drafters): as "fast" with bf16 packed weights — half the bytes to read — and each
-           linear's input rounded to bf16; oneDNN accumulates in fp32 and the rest of the model stays fp32.
-           Fast only where the CPU has native bf16 (AVX512-BF16 / AMX); emulated, it is slower than fp32.
-- "fast-int8" (lossy, for drafters): dynamically quantized linears, int8 weights per channel and int8
-           activations per call (`verispec.backends.int8`); falls back to "fast" where int8 is unavailable.
-- "auto-draft": what a drafter that verispec loads by name gets when the target runs on "auto": the cheapest
-           lossy backend here — "fast-int4" on a CPU with native bf16 or AVX-512 VNNI (the instructions its kernels
-           need to be fast), else "fast-int8", else "fast"; "torch" off CPU. A drafter changes only speed, never the
-           output.
-- "fast-int4" (lossy, for drafters): 4-bit group-quantized weights (`verispec.backends.int4`), half the bytes of
-           int8 — the cheapest 1-row forward here. On an AVX-512 VNNI CPU our own kernel runs them with int8
-           activations (`verispec.backends.q4kernel`, built on first use); elsewhere PyTorch's int4 kernel with bf16
-           activations. Layers the kernels cannot take stay "fast"; falls back to "fast-int8" where PyTorch's int4
-           kernel is missing.
-           A target put on a lossy backend *is* the reduced model: losslessness then holds relative to it.
-           The lossy backends also fuse q/k/v and gate/up into one linear each in Qwen2 / Llama models
-           (`verispec.backends.fuse`); drafters of those families run `verispec.backends.lean`'s forward.
+Each `Backend` record says how a model is converted (`convert`, in place), how a converted model is recognised
+(`detect`), whether it is lossy, whether it may serve a *target* (`target`, with the reason when not), what to fall
+back to where its kernel is missing, and what kernel path it reports. Aliases ("auto", "auto-draft") resolve to a
+concrete record for the machine at hand. The layer kernels live in `verispec.kernels`, model rewrites (fused
+projections, the lean drafter forward) in `verispec.rewrites`, memory helpers in `verispec.backends.memory`, and the
+T(k) measurement in `verispec.bench.measure`; this module only chooses and applies.
+
+- "torch":      the model as transformers built it (torch defaults: MKL `F.linear`). Nothing is changed.
+- "fast":       every fp32 `nn.Linear` (attention and MLP projections and the output layer) becomes a `FastLinear`
+                that multiplies with a oneDNN pre-packed fp32 weight; the dense weight is dropped. fp32 sums in
+                another order. May serve a target.
+- "auto":       "fast" for a CPU model where oneDNN is available, else "torch".
+- "fast-bf16", "fast-int8", "fast-int4": reduced-precision weights (bf16; int8 weights and per-call int8
+                activations; 4-bit groups with an int8 copy for inputs of >= 4 rows). **Drafters only**: a drafter
+                changes speed and acceptance, never the output. They are refused as targets, because the proof of
+                losslessness needs the target's distribution at a position to depend on the prefix only, and theirs
+                depends on what else is in the forward (int8: one activation scale per call over all rows; int4:
+                which copy the row count selects; bf16: not checked to be row-independent). Use "auto", "fast" or
+                "torch" for a target.
+- "auto-draft": what a drafter that verispec loads by name gets when the target runs on "auto": the cheapest lossy
+                backend here ("fast-int4" on a CPU with bf16 instructions or AVX-512 VNNI, else "fast-int8", else
+                "fast"; "torch" off CPU).
 
 Why: on this CPU a torch-default k-row linear costs ~2x a 1-row one already at k = 2, so verifying γ drafts is far
-from free; a packed oneDNN weight was measured (FACTS.md, "Kernels") close to flat for 1–16 rows. See
-`verispec.backends.onednn` for the kernel and its fallback, `verispec.backends.measure` for the T(k) curve.
+from free; a packed oneDNN weight is close to flat for 1-16 rows (`verispec.kernels.onednn`; `verispec.bench.measure`
+measures the curve). How much "fast" departs from row independence is measured by `verispec invariance`.
 
 Tied embeddings: when the output layer shares its weight with the input embedding, the embedding keeps its dense
-weight (the lookup needs it) and the output layer gets its own packed copy; that costs one extra vocab × hidden
-fp32 matrix (Qwen2.5-0.5B-sized: 151,936 × 896 × 4 B ≈ 0.5 GiB) and the two no longer share storage (they are
-not trained here). `pack_tied=False` leaves a tied output layer as a plain nn.Linear instead. Both Qwen models
-used by verispec have untied output layers.
+weight (the lookup needs it) and the output layer gets its own packed copy (one extra vocab x hidden matrix);
+`pack_tied=False` leaves a tied output layer as a plain nn.Linear instead.
 
 Apply a backend last, after loading (and after anything that re-ties weights); it is meant for inference.
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from verispec.backends.fuse import fuse_projections
-from verispec.backends.int4 import Int4Linear, int4_available
-from verispec.backends.int8 import int8_available, is_int8_linear, quantize_int8
-from verispec.backends.q4kernel import _cpu_flags as cpu_flags, q4_kernel
-from verispec.backends.onednn import FORCE_FALLBACK_ENV, FastLinear, fallback_forced, onednn_available
+from verispec.backends.memory import release_file_mappings, tied_output_weight, unwrap, weight_count
+from verispec.kernels.cpu import native_bf16
+from verispec.kernels.int4 import Int4Linear, int4_available
+from verispec.kernels.int8 import int8_available, is_int8_linear, quantize_int8
+from verispec.kernels.onednn import FORCE_FALLBACK_ENV, FastLinear, fallback_forced, onednn_available
+from verispec.kernels.q4kernel import q4_kernel
+from verispec.rewrites.fuse import fuse_projections
 
-BACKENDS = ("torch", "fast", "auto", "auto-draft", "fast-bf16", "fast-int8", "fast-int4")
-LOSSY_BACKENDS = ("fast-bf16", "fast-int8", "fast-int4")  # for drafters; a target on one *is* the reduced model
-
-__all__ = ["BACKENDS", "LOSSY_BACKENDS", "FORCE_FALLBACK_ENV", "FastLinear", "apply_backend", "backend_of",
-           "drafter_backend", "fallback_forced", "native_bf16",
+__all__ = ["BACKENDS", "Backend", "ConvertOptions", "FORCE_FALLBACK_ENV", "FastLinear", "apply_backend",
+           "backend_of", "check_target", "drafter_backend", "fallback_forced", "kernel_path", "native_bf16",
            "onednn_available", "release_file_mappings", "resolve_backend", "weight_count"]
 
 
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How `apply_backend` converts (see its docstring)."""
+
+    force_fallback: bool = False
+    verify: bool = True
+    pack_tied: bool = True
+    fuse: bool = True
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run a model's linear layers."""
+
+    name: str
+    summary: str
+    lossy: bool = False
+    target: bool = True  # may serve as a target (its logits at a position depend on the prefix only, up to fp32)
+    not_target_because: str = ""
+    convert: Callable[[nn.Module, ConvertOptions], None] | None = None  # in place; None = nothing to do
+    detect: Callable[[nn.Module], bool] | None = None  # a converted module carries this backend's layers
+    available: Callable[[ConvertOptions], bool] = lambda opts: True
+    fallback: str | None = None  # used (with a warning) where `available` says no
+    resolve: Callable[[nn.Module | None], str] | None = None  # aliases: the concrete backend for this machine
+    kernel: Callable[[nn.Module], str] = lambda m: "transformers' own layers (torch F.linear)"
+
+
+def _fp32_linears(module: nn.Module, opts: ConvertOptions) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """(full name, parent, attribute, layer) of every plain fp32 nn.Linear, collected before any is replaced
+    (replacing children while iterating named_modules() would skip or revisit some). Exact type only: nn.Linear
+    subclasses (e.g. inside nn.MultiheadAttention) may read .weight themselves."""
+    tied = None if opts.pack_tied else tied_output_weight(module)
+    return [(f"{pname}.{cname}" if pname else cname, parent, cname, child)
+            for pname, parent in module.named_modules() for cname, child in parent.named_children()
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32
+            and (tied is None or child.weight is not tied)]
+
+
+def _packed(dtype: torch.dtype, fused: bool) -> Callable[[nn.Module, ConvertOptions], None]:
+    def convert(module: nn.Module, opts: ConvertOptions) -> None:
+        if fused and opts.fuse:
+            fuse_projections(module)  # q/k/v and gate/up as one linear each: fewer, wider kernel calls
+        for _, parent, cname, child in _fp32_linears(module, opts):
+            setattr(parent, cname, FastLinear.from_linear(child, force_fallback=opts.force_fallback,
+                                                          verify=opts.verify, dtype=dtype))
+    return convert
+
+
+def _convert_int8(module: nn.Module, opts: ConvertOptions) -> None:
+    if opts.fuse:
+        fuse_projections(module)
+    layers = _fp32_linears(module, opts)
+    with torch.no_grad():
+        for *_, child in layers:
+            if child.bias is not None:  # the int8 packed params keep the bias tensor itself: give them a
+                child.bias.data = child.bias.data.clone()  # private copy, not one pinning a mapped file
+    quantize_int8(module, [full for full, *_ in layers])
+
+
+def _convert_int4(module: nn.Module, opts: ConvertOptions) -> None:
+    if opts.fuse:
+        fuse_projections(module)
+    for _, parent, cname, child in _fp32_linears(module, opts):  # a layer the kernels cannot take stays fp32 "fast"
+        setattr(parent, cname, Int4Linear.from_linear(child, verify=opts.verify)
+                or FastLinear.from_linear(child, verify=opts.verify))
+
+
+def _fast_layers(module: nn.Module, dtype: torch.dtype) -> list[FastLinear]:
+    return [m for m in module.modules() if isinstance(m, FastLinear) and m.dtype == dtype]
+
+
+def _describe_fast(dtype: torch.dtype) -> Callable[[nn.Module], str]:
+    def describe(module: nn.Module) -> str:
+        layers = _fast_layers(module, dtype)
+        fell = sum(not m.is_packed for m in layers)
+        kind = "fp32" if dtype == torch.float32 else "bf16"
+        return f"oneDNN packed {kind} ({len(layers) - fell} layers" + (f", {fell} on torch F.linear)" if fell else ")")
+    return describe
+
+
+def _describe_int4(module: nn.Module) -> str:
+    layers = [m for m in module.modules() if isinstance(m, Int4Linear)]
+    q4 = sum(m.kernel == "q4" for m in layers)
+    fp32 = len(_fast_layers(module, torch.float32))
+    parts = [f"{q4} on verispec's q4 AVX-512 VNNI kernel" if q4 else "",
+             f"{len(layers) - q4} on PyTorch's int4 kernel" if len(layers) > q4 else "",
+             f"{fp32} fp32 oneDNN" if fp32 else ""]
+    wide = " (inputs of >= 4 rows: an int8 copy)" if any(m.wide is not None for m in layers) else ""
+    return "int4 groups of 32: " + ", ".join(p for p in parts if p) + wide
+
+
+def _resolve_auto(model: nn.Module | None) -> str:
+    on_cpu = model is None or all(p.device.type == "cpu" for p in model.parameters())
+    return "fast" if on_cpu and onednn_available() and not fallback_forced() else "torch"
+
+
+def _resolve_auto_draft(model: nn.Module | None) -> str:
+    if _resolve_auto(model) == "torch":
+        return "torch"
+    int4_fast = int4_available() and (native_bf16() or q4_kernel() is not None)  # bf16 for PyTorch's int4 kernel
+    return "fast-int4" if int4_fast else "fast-int8" if int8_available() else "fast"
+
+
+def _not_forced(opts: ConvertOptions) -> bool:
+    return not (opts.force_fallback or fallback_forced())
+
+
+_LOSSY_TARGET = ("its logits at a position depend on the other rows of the forward ({}), so a target on it would not "
+                 "keep its own distribution; use 'auto', 'fast' or 'torch' for the target and this backend for the "
+                 "drafter (--drafter-backend / drafter_backend=)")
+
+# Detection order: the most specific layer types first (an int4 model also holds fp32 FastLinear layers).
+BACKENDS: dict[str, Backend] = {b.name: b for b in [
+    Backend("fast-int4", "4-bit group weights (drafters)", lossy=True, target=False,
+            not_target_because=_LOSSY_TARGET.format("inputs of >= 4 rows take a separate int8 copy"),
+            convert=_convert_int4, detect=lambda m: any(isinstance(x, Int4Linear) for x in m.modules()),
+            available=lambda o: _not_forced(o) and int4_available(), fallback="fast-int8", kernel=_describe_int4),
+    Backend("fast-int8", "int8 weights, per-call int8 activations (drafters)", lossy=True, target=False,
+            not_target_because=_LOSSY_TARGET.format("one activation scale per call, over all its rows"),
+            convert=_convert_int8, detect=lambda m: any(is_int8_linear(x) for x in m.modules()),
+            available=lambda o: _not_forced(o) and int8_available(), fallback="fast",
+            kernel=lambda m: "torch dynamic int8 (FBGEMM / x86 engine)"),
+    Backend("fast-bf16", "oneDNN packed bf16 weights, bf16-rounded inputs (drafters)", lossy=True, target=False,
+            not_target_because=_LOSSY_TARGET.format("reduced precision, not checked to be row-independent"),
+            convert=_packed(torch.bfloat16, fused=True), detect=lambda m: bool(_fast_layers(m, torch.bfloat16)),
+            kernel=_describe_fast(torch.bfloat16)),
+    Backend("fast", "oneDNN packed fp32 weights", convert=_packed(torch.float32, fused=False),
+            detect=lambda m: bool(_fast_layers(m, torch.float32)), kernel=_describe_fast(torch.float32)),
+    Backend("torch", "transformers' model as built", detect=lambda m: True),
+    Backend("auto", "'fast' on a CPU with oneDNN, else 'torch'", resolve=_resolve_auto),
+    Backend("auto-draft", "the cheapest lossy backend here (for drafters)", lossy=True, resolve=_resolve_auto_draft),
+]}
+LOSSY_BACKENDS = tuple(n for n, b in BACKENDS.items() if b.lossy and b.resolve is None)
+
+
 def resolve_backend(name: str | None, model: nn.Module | None = None) -> str:
-    """'auto' (or None) -> 'fast' for a CPU model when oneDNN is available, else 'torch'; other names checked."""
+    """'auto' (or None) and 'auto-draft' -> the concrete backend for this machine (and `model`'s device); other
+    names are checked and returned."""
     name = "auto" if name is None else str(name).strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
-    if name == "auto-draft":
-        if resolve_backend("auto", model) == "torch":
-            return "torch"
-        int4_fast = int4_available() and (native_bf16() or q4_kernel() is not None)  # bf16 for PyTorch's kernel
-        return "fast-int4" if int4_fast else "fast-int8" if int8_available() else "fast"
-    if name != "auto":
-        return name
-    on_cpu = model is None or all(p.device.type == "cpu" for p in model.parameters())
-    return "fast" if on_cpu and onednn_available() and not fallback_forced() else "torch"
+    rec = BACKENDS[name]
+    return rec.resolve(model) if rec.resolve is not None else name
 
 
 def drafter_backend(backend: str | None, drafter_backend: str | None = None) -> str:
@@ -83,170 +209,55 @@ def drafter_backend(backend: str | None, drafter_backend: str | None = None) -> 
     return "auto-draft" if backend in (None, "auto") else backend
 
 
-@functools.lru_cache(maxsize=1)
-def native_bf16() -> bool:
-    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), from /proc/cpuinfo; False where unknown."""
-    flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def check_target(backend: str | None) -> None:
+    """Refuse a backend that cannot serve a target (named or resolved), with the reason and the alternatives."""
+    rec = BACKENDS[resolve_backend(backend)]
+    if not rec.target:
+        raise ValueError(f"backend {rec.name!r} cannot serve a target: {rec.not_target_because}")
 
 
-def _unwrap(model) -> nn.Module:
-    inner = getattr(model, "model", None)  # a verispec LoadedModel holds the nn.Module in .model
-    return model if isinstance(model, nn.Module) else inner
+def backend_of(model) -> str:
+    """The backend `model`'s linear layers are on, recognised from the layers themselves."""
+    module = unwrap(model)
+    return next(name for name, b in BACKENDS.items() if b.detect is not None and b.detect(module))
+
+
+def kernel_path(model) -> str:
+    """What computes `model`'s linear layers, in words, for reports (e.g. "oneDNN packed fp32 (197 layers)")."""
+    module = unwrap(model)
+    return BACKENDS[backend_of(module)].kernel(module)
 
 
 def apply_backend(model, name: str | None = "fast", *, force_fallback: bool = False, verify: bool = True,
                   pack_tied: bool = True, release_mapped: bool = True, fuse: bool = True):
-    """Put `model` (an nn.Module or a verispec LoadedModel) on backend `name`, in place; return `model`.
+    """Put `model` (an nn.Module or a verispec LoadedModel) on backend `name`, **in place**; return `model`.
 
-    "fast" swaps every `nn.Linear` with an fp32 weight for a `FastLinear` (packed weight, dense one dropped);
-    linears of other dtypes are left alone ("fast-bf16" / "fast-int8": the lossy drafter variants, see the module
-    docstring). force_fallback=True builds the same modules on the pure-torch path (dense weight, F.linear) —
-    also forced by the environment variable VERISPEC_FORCE_TORCH_LINEAR=1. verify=True checks each packed layer
-    against F.linear on two probe rows and keeps the dense weight where they disagree. release_mapped=True then
-    copies the tensors still living in a memory-mapped weight file (safetensors) into private memory so the
-    mapping, and the dense weights' file pages with it, leave the process (`release_file_mappings`).
-    fuse=True (lossy backends only) first fuses q/k/v and gate/up of Qwen2 / Llama blocks into one linear each
-    (`verispec.backends.fuse`); fuse=False keeps them separate (to measure what fusing buys).
-    Layers already converted are left as they are (applying twice is a no-op); "torch" never changes anything
-    (it does not undo "fast": reload the model for that).
+    force_fallback=True builds the same layers on the pure-torch path (dense weight, F.linear) where a backend has
+    one — also forced by the environment variable VERISPEC_FORCE_TORCH_LINEAR=1 — and sends the int8 / int4
+    backends to their fallbacks. verify=True checks each packed layer against its formula on probe rows and keeps
+    the layer exact where they disagree. release_mapped=True then copies the tensors still living in a
+    memory-mapped weight file (safetensors) into private memory so the mapping leaves the process
+    (`verispec.backends.memory.release_file_mappings`). fuse=True (lossy backends only) first fuses q/k/v and
+    gate/up of Qwen2 / Llama blocks (`verispec.rewrites.fuse`); fuse=False keeps them separate.
+    A model already on `name` is left as it is; one on another converted backend is refused (reload it): layers are
+    converted from plain fp32 nn.Linear only, so a second conversion would silently do nothing.
     """
-    module = _unwrap(model)
+    module = unwrap(model)
     if not isinstance(module, nn.Module):
         raise TypeError(f"apply_backend needs an nn.Module or a LoadedModel, got {type(model).__name__}")
-    name = resolve_backend(name, module)
-    if name == "torch":
+    opts = ConvertOptions(force_fallback, verify, pack_tied, fuse)
+    rec = BACKENDS[resolve_backend(name, module)]
+    while not rec.available(opts):
+        warnings.warn(f"verispec: the {rec.name!r} kernels are unavailable or the fallback is forced; using the "
+                      f"{rec.fallback!r} backend", RuntimeWarning, stacklevel=2)
+        rec = BACKENDS[rec.fallback]
+    current = backend_of(module)
+    if current == rec.name:
         return model
-    if name == "fast-int4" and (force_fallback or fallback_forced() or not int4_available()):
-        warnings.warn("verispec: the int4 kernel is unavailable or fallback forced; using the 'fast-int8' backend",
-                      RuntimeWarning, stacklevel=2)
-        name = "fast-int8"
-    if name == "fast-int8" and (force_fallback or fallback_forced() or not int8_available()):
-        warnings.warn("verispec: int8 linears unavailable or fallback forced; using the fp32 'fast' backend",
-                      RuntimeWarning, stacklevel=2)
-        name = "fast"
-    if fuse and name in LOSSY_BACKENDS:
-        fuse_projections(module)  # q/k/v and gate/up as one linear each: fewer, wider kernel calls (backends.fuse)
-    tied = _tied_output_weight(module)
-    # Collect first, then swap: replacing children while iterating named_modules() would skip or revisit some.
-    # Exact type only: nn.Linear subclasses (e.g. inside nn.MultiheadAttention) may read .weight themselves.
-    targets = [(f"{parent_name}.{child_name}" if parent_name else child_name, parent, child_name, child)
-               for parent_name, parent in module.named_modules()
-               for child_name, child in parent.named_children()
-               if type(child) is nn.Linear and child.weight.dtype == torch.float32
-               and (pack_tied or tied is None or child.weight is not tied)]
-    if name == "fast-int8":
-        with torch.no_grad():
-            for *_, child in targets:
-                if child.bias is not None:  # the int8 packed params keep the bias tensor itself: give them a
-                    child.bias.data = child.bias.data.clone()  # private copy, not one pinning a mapped file
-        quantize_int8(module, [full for full, *_ in targets])
-    elif name == "fast-int4":
-        for _, parent, child_name, child in targets:  # a layer the kernel cannot take stays fp32 "fast"
-            setattr(parent, child_name, Int4Linear.from_linear(child, verify=verify)
-                    or FastLinear.from_linear(child, verify=verify))
-    else:
-        dtype = torch.bfloat16 if name == "fast-bf16" else torch.float32
-        for _, parent, child_name, child in targets:
-            setattr(parent, child_name,
-                    FastLinear.from_linear(child, force_fallback=force_fallback, verify=verify, dtype=dtype))
-    if release_mapped:
-        release_file_mappings(module)
-    setattr(module, "verispec_backend", name)
+    if current != "torch":
+        raise ValueError(f"the model is already on backend {current!r}; load it again to put it on {rec.name!r}")
+    if rec.convert is not None:
+        rec.convert(module, opts)
+        if release_mapped:
+            release_file_mappings(module)
     return model
-
-
-def _file_ranges() -> list[tuple[int, int]]:
-    """Address ranges of this process's file-backed mappings (Linux /proc/self/maps; [] elsewhere)."""
-    ranges = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[4] != "0" and not parts[5].startswith("["):  # inode != 0: a file
-                    lo, hi = parts[0].split("-")
-                    ranges.append((int(lo, 16), int(hi, 16)))
-    except OSError:
-        return []
-    return sorted(ranges)
-
-
-def release_file_mappings(module: nn.Module) -> int:
-    """Copy every tensor of `module` that lives in a file mapping into private memory; return bytes copied.
-
-    transformers loads safetensors by memory-mapping the file, and the mapping is one per file: it stays resident
-    while *any* tensor still points into it (the embedding, norms, biases), so after packing the RSS would count the
-    dense linear weights twice — once packed, once as (clean, reclaimable) file pages. Copying the few remaining
-    tensors lets the mapping close. Sharing is kept: tensors viewing the same storage get one copy.
-    """
-    ranges = _file_ranges()
-    if not ranges:
-        return 0
-    starts = [lo for lo, _ in ranges]
-
-    def mapped(t: torch.Tensor) -> bool:
-        if t is None or t.is_mkldnn or t.device.type != "cpu" or t.numel() == 0:
-            return False
-        ptr = t.untyped_storage().data_ptr()
-        i = bisect.bisect_right(starts, ptr) - 1
-        return i >= 0 and ptr < ranges[i][1]
-
-    copies: dict[tuple, torch.Tensor] = {}
-    copied = 0
-
-    def private(t: torch.Tensor) -> torch.Tensor:
-        nonlocal copied
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if key not in copies:
-            copies[key] = t.detach().clone()
-            copied += t.numel() * t.element_size()
-        return copies[key]
-
-    with torch.no_grad():
-        for m in module.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if mapped(p):
-                    p.data = private(p)  # the Parameter object stays: ties by identity are kept
-            for name, b in m.named_buffers(recurse=False):
-                if mapped(b):
-                    m._buffers[name] = private(b)
-            if isinstance(m, FastLinear) and m.dense is not None and mapped(m.dense):
-                m.dense = private(m.dense)
-    return copied
-
-
-def _tied_output_weight(module: nn.Module) -> torch.Tensor | None:
-    """The output layer's weight when it is the very tensor of the input embedding, else None."""
-    try:
-        out, inp = module.get_output_embeddings(), module.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if out is None or inp is None or not hasattr(out, "weight") or not hasattr(inp, "weight"):
-        return None
-    w_out, w_in = out.weight, inp.weight
-    if not isinstance(w_out, torch.Tensor) or w_out.is_mkldnn or w_in.is_mkldnn:
-        return None
-    return w_out if w_out is w_in or w_out.data_ptr() == w_in.data_ptr() else None
-
-
-def backend_of(model) -> str:
-    """The backend `model`'s linear layers are on: 'fast-int4', 'fast-int8', 'fast-bf16', 'fast' or 'torch'."""
-    module = _unwrap(model)
-    mods = list(module.modules())
-    if any(isinstance(m, Int4Linear) for m in mods):
-        return "fast-int4"
-    if any(is_int8_linear(m) for m in mods):
-        return "fast-int8"
-    fast = [m for m in mods if isinstance(m, FastLinear)]
-    if any(m.dtype == torch.bfloat16 for m in fast):
-        return "fast-bf16"
-    return "fast" if fast else "torch"
-
-
-def weight_count(model) -> int:
-    """Parameters plus the weights of FastLinear / int8 / int4 layers (held as packed tensors, not Parameters)."""
-    module = _unwrap(model)
-    n = sum(p.numel() for p in module.parameters())
-    copies = {id(m.wide) for m in module.modules() if isinstance(m, Int4Linear) and m.wide is not None}
-    return n + sum(m.in_features * m.out_features for m in module.modules()
-                   if (isinstance(m, (FastLinear, Int4Linear)) or is_int8_linear(m)) and id(m) not in copies)

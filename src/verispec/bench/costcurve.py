@@ -12,7 +12,7 @@ def measure_costs(target: LoadedModel, drafter: LoadedModel | None, curve: bool 
     out = {"target_params": target.num_parameters, "drafter_params": drafter.num_parameters if drafter else None}
     out["size_ratio"] = out["drafter_params"] / out["target_params"] if drafter else None
     if curve:
-        from verispec.backends.measure import forward_cost_curve
+        from verispec.bench.measure import forward_cost_curve
 
         curve = forward_cost_curve(target.model, ks=KS, repeats=3, warmup=1)
         out["target_curve_ms"] = {str(k): v for k, v in curve.items()}
@@ -23,8 +23,8 @@ def measure_costs(target: LoadedModel, drafter: LoadedModel | None, curve: bool 
 
 def drafter_curve(drafter: LoadedModel) -> dict[str, float]:
     """The drafter's T(1) and T(2) in ms on a warm cache (what c = T_draft(1) / T(1) needs), timing the forward
-    drafting runs (the lean one where the model family is known, `verispec.backends.lean`)."""
-    from verispec.backends.measure import forward_cost_curve
+    drafting runs (the lean one where the model family is known, `verispec.rewrites.lean`)."""
+    from verispec.bench.measure import forward_cost_curve
 
     d = forward_cost_curve(drafter.model, ks=(1, 2), repeats=5, warmup=1, lean=True)
     return {str(k): v for k, v in d.items()}

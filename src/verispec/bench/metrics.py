@@ -1,10 +1,10 @@
-"""Benchmark arithmetic on per-generation rows, with the metric words of ../shared/FACTS.md.
+"""Benchmark arithmetic on per-generation rows.
 
 A row is one generation (prompt x method x repeat) as stored in prompts.jsonl. Its step log holds, per target
 forward, the number of drafts `d`, accepted drafts `a` and the kind of the added token `k` ("r" recovered, "b"
-bonus). From these: acceptance rate α̂ = Σa / Σd; MAT = Σ(a + 1) / steps (every step adds one recovered or bonus
-token); acceptance by position i = #(steps with a > i) / #(steps with d > i); γ used = Σd / steps.
-Speedup = Σ AR wall time / Σ method wall time over the same (prompt, repeat) pairs.
+bonus). The speculative metrics (α̂, MAT, γ used, acceptance by position) come from `verispec.metrics.speculative`
+over all rounds of a method's rows, exactly as for one generation. Speedup = Σ AR wall time / Σ method wall time
+over the same (prompt, repeat) pairs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import statistics
 
 import numpy as np
 
-from verispec.types import GenerationStats, acceptance_by_position
+from verispec.metrics import speculative
+from verispec.types import GenerationStats
 
 
 def steps_log(stats: GenerationStats) -> dict:
@@ -47,8 +48,6 @@ def aggregate(rows: list[dict], ar_rows: list[dict], params: dict[str, int] | No
     logged = [r for r, _ in pairs if r.get("steps")]
     d = [x for r in logged for x in r["steps"]["d"]]
     a = [x for r in logged for x in r["steps"]["a"]]
-    n_steps = len(d)
-    by_pos = acceptance_by_position(d, a)
     flops = None
     if params.get("target"):
         flops = 2 * params["target"] * sum(r["target_tokens_processed"] for r, _ in pairs)
@@ -59,9 +58,6 @@ def aggregate(rows: list[dict], ar_rows: list[dict], params: dict[str, int] | No
     em = [r["exact_match_ar"] for r, _ in pairs if r.get("exact_match_ar") is not None]
     ll = [r["loglik"] for r, _ in pairs if r.get("loglik") is not None]
     bleu = [r["bleu"] for r, _ in pairs if r.get("bleu") is not None]
-    gamma_hist: dict[int, int] = {}
-    for x in d:
-        gamma_hist[x] = gamma_hist.get(x, 0) + 1
     return {
         "generations": len(pairs), "new_tokens": tokens, "wall_s": wall,
         "tokens_per_s": tokens / wall if wall else None,
@@ -69,13 +65,8 @@ def aggregate(rows: list[dict], ar_rows: list[dict], params: dict[str, int] | No
         "speedup_spread": {"of": spread_of, "min": min(spread, default=None),
                            "median": statistics.median(spread) if spread else None, "max": max(spread, default=None),
                            "std": statistics.pstdev(spread) if len(spread) > 1 else 0.0},
-        "steps": n_steps if logged else None,
-        "drafted": sum(d), "accepted": sum(a),
-        "acceptance_rate": sum(a) / sum(d) if sum(d) else None,
-        "mat": (sum(a) + n_steps) / n_steps if n_steps else None,
-        "mean_gamma": sum(d) / n_steps if n_steps else None,
-        "gamma_histogram": {str(k): v for k, v in sorted(gamma_hist.items())},
-        "acceptance_by_position": [k / n if n else None for n, k in by_pos],
+        **speculative(d, a),
+        "steps": len(d) if logged else None,
         "target_forwards": sum(r.get("target_forwards") or 0 for r, _ in pairs) if logged else None,
         "drafter_forwards": sum(r.get("drafter_forwards") or 0 for r, _ in pairs) if logged else None,
         "flops": flops,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from verispec.bench.costmodel import predict, verify_ratio
 from verispec.bench.metrics import aggregate
+from verispec.registry import METHODS
 
 CONFIG, ROWS, COST = "config.json", "prompts.jsonl", "cost.json"
 
@@ -19,6 +20,12 @@ def load_rows(out: Path) -> list[dict]:
         ref = ar.get((r["prompt_id"], r["repeat"]))
         r["exact_match_ar"] = None if ref is None else r["token_ids"] == ref
     return rows
+
+
+def uses_draft_model(label: str) -> bool:
+    """Whether the method of a bench label ("sd:gamma=8", "nasd", ...) runs a draft model, from the registry."""
+    m = METHODS.get(label.split(":", 1)[0])
+    return bool(m and m.needs_draft_model)
 
 
 def summarize(config: dict, rows: list[dict], cost: dict | None) -> dict:
@@ -39,7 +46,7 @@ def summarize(config: dict, rows: list[dict], cost: dict | None) -> dict:
                 continue
             agg = aggregate(mr, ar_rows, params if not mr[0].get("peer") else {"target": params["target"]})
             agg["peer"] = bool(mr[0].get("peer"))
-            agg.update(predict(agg, t1, curve, cost.get("size_ratio") if "sd" in m or "+" in m else 0.0))
+            agg.update(predict(agg, t1, curve, cost.get("size_ratio") if uses_draft_model(m) else 0.0))
             table[m] = agg
         out[g] = table
     greedy = config["sampling"]["temperature"] == 0
@@ -123,7 +130,7 @@ def markdown(s: dict) -> str:
                   f"; drafter T(1) = {v:.0f} ms" + (f" on `{b}`" if len(drafter_t1) > 1 else "") +
                   f" (c = {v / t1:.3f})" for b, v in drafter_t1.items()) + "." +
               (" Drafter times are of the forward drafting runs (the lean one for Qwen2 / Llama drafters, "
-               "`verispec.backends.lean`)." if drafter_t1 else ""), "",
+               "`verispec.rewrites.lean`)." if drafter_t1 else ""), "",
               "Predicted = (1 − α^(γ+1)) / ((1 − α)(γc + T(γ+1)/T(1))) from each method's measured α̂, mean γ and "
               "measured draft cost c (draft seconds per drafted token / T(1)). **Projected** = the same formula for a "
               "memory-bound accelerator (T(γ+1)/T(1) = 1, c = drafter/target parameter ratio): a projection, not a "

@@ -7,12 +7,13 @@ from (or None when it is deterministic), and is told the outcome so it can roll 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from verispec.policies.base import DraftPolicy
 from verispec.sampling import Sampling
 from verispec.types import Draft, VerifyResult
-from verispec.validate import check_known
 
 
 class Drafter:
@@ -35,6 +36,28 @@ class Drafter:
         """Called after the round with the committed tokens (prompt + all output so far)."""
 
 
+Step = tuple[int, "torch.Tensor | None", "torch.Tensor | None"]  # (token, q it was sampled from, raw logits)
+
+
+def bounded_chain(steps: Iterator[Step], gamma: int, policy: DraftPolicy, stop_ids: frozenset[int]
+                  ) -> tuple[list[int], list[torch.Tensor]]:
+    """The one place where a chain's length is decided: take draft tokens from `steps` until γ are drafted, a stop
+    token is drafted (nothing after it could be kept), or the policy says stop. Steps are pulled lazily, so a
+    drafter computes (a draft-model forward, a lookup) only the tokens that are used. A step is (token, q, logits):
+    q is the distribution the token was sampled from (None for deterministic drafters), logits the drafter's raw
+    logits where it has them (entropy-reading policies use them under greedy decoding).
+    Returns the tokens and the q rows of the steps that had one."""
+    x: list[int] = []
+    qs: list[torch.Tensor] = []
+    for i, (t, q, logits) in zip(range(gamma), steps):  # range first: no step is computed beyond γ
+        x.append(t)
+        if q is not None:
+            qs.append(q)
+        if t in stop_ids or not policy.keep_drafting(i, q, logits):
+            break
+    return x, qs
+
+
 class NoDrafter(Drafter):
     """Autoregressive decoding is the engine with an empty draft: one target forward, one bonus token."""
 
@@ -42,7 +65,6 @@ class NoDrafter(Drafter):
 
     @classmethod
     def from_ctx(cls, ctx) -> "NoDrafter":
-        check_known(ctx.options, "ar", ())
         return cls()
 
     def propose(self, tokens, gamma, policy, sampling, generator) -> Draft:

@@ -15,16 +15,14 @@ from __future__ import annotations
 import torch
 
 from verispec.cache import CachedLM
-from verispec.drafters.base import Drafter
+from verispec.drafters.base import Drafter, bounded_chain
 from verispec.sampling import sample
 from verispec.types import Draft
-from verispec.validate import check_int, check_known
+from verispec.validate import check_int
 
 
 class DraftModelDrafter(Drafter):
     name = "draft_model"
-
-    OPTIONS = ("draft_vocab", "vocab_corpus")
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, stop_ids: frozenset[int] = frozenset(),
                  head: torch.nn.Module | None = None):
@@ -33,8 +31,7 @@ class DraftModelDrafter(Drafter):
 
     @classmethod
     def from_ctx(cls, ctx) -> "DraftModelDrafter":
-        opts = check_known(ctx.options, "sd", cls.OPTIONS)
-        return cls(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids, head=head_for(ctx, **opts))
+        return cls(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids, head=head_for(ctx, **ctx.options))
 
     @property
     def forwards(self) -> int:
@@ -50,17 +47,16 @@ class DraftModelDrafter(Drafter):
         self.prefill_forwards = self.lm.forwards
 
     def propose(self, tokens, gamma, policy, sampling, generator) -> Draft:
-        x: list[int] = []
-        qs: list[torch.Tensor] = []
-        for i in range(gamma):
-            logits = self.lm.forward(tokens + x, n_logits=1)  # (1, V): feeds only what the cache lacks
-            q_i = sampling.probs(logits)[0]  # (V,)
-            x.append(sample(q_i, generator))
-            qs.append(q_i)
-            if x[-1] in self.stop_ids or not policy.keep_drafting(i, q_i, logits[0]):
-                break  # nothing after an EOS can be kept
-        q = torch.stack(qs) if qs else None  # (K, V)
-        return Draft(x, q, self.name)
+        def steps():
+            x: list[int] = []
+            while True:
+                logits = self.lm.forward(tokens + x, n_logits=1)  # (1, V): feeds only what the cache lacks
+                q_i = sampling.probs(logits)[0]  # (V,) exactly the law x_i is drawn from
+                x.append(sample(q_i, generator))
+                yield x[-1], q_i, logits[0]
+
+        x, qs = bounded_chain(steps(), gamma, policy, self.stop_ids)
+        return Draft(x, torch.stack(qs) if qs else None, self.name)  # q: (K, V)
 
     def commit(self, tokens, draft, result):
         self.lm.rollback(tokens)  # drop the rejected drafts' KV entries now

@@ -20,7 +20,6 @@ from __future__ import annotations
 from verispec.drafters.base import Drafter
 from verispec.drafters.draft_model import DraftModelDrafter
 from verispec.drafters.ngram import NGramDrafter
-from verispec.validate import check_known
 from verispec.types import Draft
 
 
@@ -32,8 +31,8 @@ class HybridDrafter(Drafter):
         self.draft_model = draft_model
 
     @classmethod
-    def from_ctx(cls, ctx, method: str = "nasd+sd") -> "HybridDrafter":
-        opts = {"min_context": 2, "min_count": 2, **check_known(ctx.options, method, NGramDrafter.OPTIONS)}
+    def from_ctx(cls, ctx) -> "HybridDrafter":
+        opts = {"min_context": 2, "min_count": 2, **ctx.options}
         return cls(NGramDrafter(**opts, stop_ids=ctx.stop_ids),
                    DraftModelDrafter(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids))
 

@@ -28,12 +28,11 @@ from collections import OrderedDict
 
 from verispec.drafters.base import Drafter
 from verispec.types import Draft
-from verispec.validate import check_bool, check_int, check_known
+from verispec.validate import check_bool, check_int
 
 
 class LookaheadDrafter(Drafter):
     name = "lookahead"
-    OPTIONS = ("window", "ngram", "guesses", "pool_from_text", "seed")
 
     def __init__(self, window: int = 4, ngram: int = 4, guesses: int = 4, pool_from_text: bool = False,
                  seed: int = 0):
@@ -47,8 +46,8 @@ class LookaheadDrafter(Drafter):
         self._seen = 0
 
     @classmethod
-    def from_ctx(cls, ctx, method: str = "lookahead") -> "LookaheadDrafter":
-        return cls(**check_known(ctx.options, method, cls.OPTIONS))
+    def from_ctx(cls, ctx) -> "LookaheadDrafter":
+        return cls(**ctx.options)
 
     # -- the n-gram pool -------------------------------------------------------------------------------------
     def add(self, gram: tuple[int, ...]) -> None:

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from verispec.drafters.base import Drafter
-from verispec.validate import check_int, check_known
+from verispec.drafters.base import Drafter, bounded_chain
+from verispec.validate import check_int
 from verispec.types import Draft
 
 
@@ -109,7 +109,6 @@ class NGramDrafter(Drafter):
     """
 
     name = "ngram"
-    OPTIONS = ("max_n", "max_contexts", "max_continuations", "min_context", "min_count")
 
     def __init__(self, max_n: int = 4, max_contexts: int = 65_536, max_continuations: int = 8,
                  min_context: int = 1, min_count: int = 1, stop_ids: frozenset[int] = frozenset()):
@@ -120,8 +119,8 @@ class NGramDrafter(Drafter):
         self._seen = 0  # committed tokens already in the store
 
     @classmethod
-    def from_ctx(cls, ctx, method: str = "nasd") -> "NGramDrafter":
-        return cls(**check_known(ctx.options, method, cls.OPTIONS), stop_ids=ctx.stop_ids)
+    def from_ctx(cls, ctx) -> "NGramDrafter":
+        return cls(**ctx.options, stop_ids=ctx.stop_ids)
 
     def prefill(self, tokens):
         self.store.clear()
@@ -137,14 +136,12 @@ class NGramDrafter(Drafter):
         self._seen = len(tokens)
 
     def propose(self, tokens, gamma, policy, sampling, generator) -> Draft:
-        ctx = list(tokens[-(self.store.max_n - 1):])  # the longest context the store can use
-        x: list[int] = []
-        for i in range(gamma):
-            hit = self.store.predict(ctx, self.min_context, self.min_count)
-            if hit is None:
-                break  # no match at any level: draft fewer tokens (possibly none)
-            x.append(hit[0])
-            ctx = (ctx + [hit[0]])[-(self.store.max_n - 1):]  # chain the draft's own tokens as context
-            if hit[0] in self.stop_ids or not policy.keep_drafting(i, None):
-                break  # nothing after a stop token can be kept
-        return Draft(x, None, self.name)
+        def steps():
+            n = self.store.max_n - 1  # the longest context the store can use
+            ctx = list(tokens[-n:])
+            # no match at any level ends the draft early (possibly with no token)
+            while (hit := self.store.predict(ctx, self.min_context, self.min_count)) is not None:
+                ctx = (ctx + [hit[0]])[-n:]  # chain the draft's own tokens as context
+                yield hit[0], None, None
+
+        return Draft(bounded_chain(steps(), gamma, policy, self.stop_ids)[0], None, self.name)

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from verispec.drafters.base import Drafter
-from verispec.validate import check_bool, check_int, check_known
+from verispec.drafters.base import Drafter, bounded_chain
+from verispec.validate import check_bool, check_int
 from verispec.types import Draft
 
 
 class PromptLookupDrafter(Drafter):
     name = "prompt_lookup"
-    OPTIONS = ("max_ngram_size", "min_ngram_size", "num_pred_tokens", "search_generated")
 
     def __init__(self, max_ngram_size: int = 3, min_ngram_size: int = 1, num_pred_tokens: int = 10,
                  search_generated: bool = True, stop_ids: frozenset[int] = frozenset()):
@@ -44,8 +43,8 @@ class PromptLookupDrafter(Drafter):
         self._seen = 0  # committed tokens already indexed
 
     @classmethod
-    def from_ctx(cls, ctx, method: str = "pld") -> "PromptLookupDrafter":
-        return cls(**check_known(ctx.options, method, cls.OPTIONS), stop_ids=ctx.stop_ids)
+    def from_ctx(cls, ctx) -> "PromptLookupDrafter":
+        return cls(**ctx.options, stop_ids=ctx.stop_ids)
 
     def _index(self, tokens: Sequence[int], start: int) -> None:
         # Token j becomes the follower of the n-grams ending just before it; later occurrences overwrite earlier.
@@ -76,11 +75,14 @@ class PromptLookupDrafter(Drafter):
 
     def propose(self, tokens, gamma, policy, sampling, generator) -> Draft:
         hit = self.match(tokens) if gamma > 0 else None
-        x: list[int] = []
-        if hit is not None:
-            j, L = hit[1], len(tokens)  # j < L: only n-grams with a follower are indexed
-            for i in range(min(gamma, self.num_pred_tokens)):
+        if hit is None:
+            return Draft([], None, self.name)
+        j, L = hit[1], len(tokens)  # j < L: only n-grams with a follower are indexed
+
+        def steps():
+            x: list[int] = []
+            for i in range(self.num_pred_tokens):
                 x.append(tokens[j + i] if j + i < L else x[j + i - L])  # overlapping copy continues the period
-                if x[-1] in self.stop_ids or not policy.keep_drafting(i, None):
-                    break  # nothing after a stop token can be kept
-        return Draft(x, None, self.name)
+                yield x[-1], None, None
+
+        return Draft(bounded_chain(steps(), gamma, policy, self.stop_ids)[0], None, self.name)

@@ -18,14 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from verispec.datastore import Datastore
-from verispec.drafters.base import Drafter
+from verispec.drafters.base import Drafter, bounded_chain
 from verispec.types import Draft
-from verispec.validate import check_int, check_known
+from verispec.validate import check_int
 
 
 class RestDrafter(Drafter):
     name = "rest"
-    OPTIONS = ("datastore", "max_suffix", "min_suffix", "max_occurrences", "tree_nodes")
 
     def __init__(self, datastore: Datastore, *, max_suffix: int = 16, min_suffix: int = 2,
                  max_occurrences: int = 256, tree_nodes: int = 0, stop_ids: frozenset[int] = frozenset()):
@@ -52,11 +51,7 @@ class RestDrafter(Drafter):
         if self.tree_nodes:
             x, parents = r.tree(self.tree_nodes, gamma, self.stop_ids)
             return Draft(x, None, self.name, parents=parents)
-        x: list[int] = []
-        for i, t in enumerate(r.chain()[:gamma]):
-            x.append(t)
-            if t in self.stop_ids or not policy.keep_drafting(i, None):
-                break  # nothing after a stop token can be kept
+        x, _ = bounded_chain(((t, None, None) for t in r.chain()), gamma, policy, self.stop_ids)
         return Draft(x, None, self.name)
 
     @classmethod
@@ -64,7 +59,7 @@ class RestDrafter(Drafter):
         """Registry factory. Options (extra keyword arguments of verispec.generate): datastore (required: a .npz
         built by `verispec datastore build`, or a Datastore; for a registry model it defaults to the Python
         standard library's source, built once and cached), max_suffix, min_suffix, max_occurrences, tree_nodes."""
-        opts = dict(check_known(ctx.options, "rest", cls.OPTIONS))
+        opts = dict(ctx.options)
         src = opts.pop("datastore", None)
         if src is None and ctx.target.tokenizer is not None:
             src = default_datastore(ctx.target)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from verispec.backends import apply_backend, backend_of, kernel_path, resolve_backend, weight_count
 from verispec.models.errors import ModelNotFoundError, TokenizerMismatchError
 from verispec.models.registry import REGISTRY
 from verispec.models.store import check_converted, hf_dir, pull
@@ -19,7 +22,16 @@ class LoadedModel:
     tokenizer: object | None = None
     name: str = "model"
     stop_ids: frozenset[int] = field(default_factory=frozenset)
-    backend: str = "torch"  # how its linear layers run (see verispec.backends); named in every report
+
+    @property
+    def backend(self) -> str:
+        """How its linear layers run (see verispec.backends), read off the layers; named in every report."""
+        return backend_of(self.model)
+
+    @property
+    def kernel(self) -> str:
+        """What computes its linear layers, in words (the kernel path named in reports)."""
+        return kernel_path(self.model)
 
     @property
     def vocab_size(self) -> int:
@@ -31,8 +43,6 @@ class LoadedModel:
     @property
     def num_parameters(self) -> int:
         """Weights of the model, counting packed / int8 linear layers (which are not nn.Parameters)."""
-        from verispec.backends import weight_count
-
         return weight_count(self.model)
 
 
@@ -58,24 +68,28 @@ AUTOMATIC = (None, "auto", "auto-draft")  # backends never applied to a model ob
 
 
 def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool = True,
-               backend: str | None = "auto") -> LoadedModel:
+               backend: str | None = "auto", in_place: bool = False) -> LoadedModel:
     """source: LoadedModel | nn.Module | registry name | local folder with an HF causal LM.
 
     backend: how the linear layers run ("auto" = the fast packed fp32 path on CPU, "torch" = as transformers
-    built it, "fast-bf16"/"fast-int8"/"fast-int4" = reduced-precision weights, meant for drafters, "auto-draft" = the
-    cheapest of those here). It is applied to models verispec loads itself; a model object you pass in is changed
-    only when you name a backend other than the automatic ones ("auto", "auto-draft").
+    built it, "fast-bf16"/"fast-int8"/"fast-int4" = reduced-precision weights for drafters, "auto-draft" = the
+    cheapest of those here; see verispec.backends). It is applied to models verispec loads itself. A model object
+    you pass in is never changed behind your back: the automatic backends ("auto", "auto-draft") leave it as it is,
+    and another backend is applied to a *copy* of it (so the same object can serve as target and, on another
+    backend, as drafter), unless in_place=True asks to convert the object itself.
     """
-    if isinstance(source, LoadedModel):
-        if backend not in AUTOMATIC:
-            _apply(source, backend)
-        return source
     if isinstance(source, torch.nn.Module):
         source.eval()
-        out = LoadedModel(source, tokenizer, type(source).__name__, stop_ids_of(source, tokenizer))
-        if backend not in AUTOMATIC:
-            _apply(out, backend)
-        return out
+        source = LoadedModel(source, tokenizer, type(source).__name__, stop_ids_of(source, tokenizer))
+    if isinstance(source, LoadedModel):
+        if backend in AUTOMATIC or resolve_backend(backend, source.model) == source.backend:
+            return source
+        if not in_place:
+            print(f"[verispec] converting a copy of the {source.name} model object to backend {backend!r} (the "
+                  f"object passed in stays as it is; load_model(..., in_place=True) converts it instead)",
+                  file=sys.stderr, flush=True)
+            source = dataclasses.replace(source, model=copy.deepcopy(source.model))
+        return _apply(source, backend)
     if not isinstance(source, (str, Path)):
         raise TypeError(f"cannot load a model from {type(source).__name__}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,6 +108,7 @@ def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool =
     else:
         raise ModelNotFoundError(
             f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY)}) and not a local folder")
+    resolve_backend(backend)  # an unknown name is refused before minutes of loading
     print(f"[verispec] loading {name}", file=sys.stderr, flush=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
@@ -111,10 +126,7 @@ def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool =
 
 
 def _apply(m: LoadedModel, backend: str | None) -> LoadedModel:
-    from verispec.backends import apply_backend, backend_of
-
     apply_backend(m.model, backend)
-    m.backend = backend_of(m.model)
     return m
 
 

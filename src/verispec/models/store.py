@@ -20,15 +20,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from verispec.home import cache_root
 from verispec.models.errors import ModelIntegrityError, ModelNotFoundError
 from verispec.models.registry import ModelSpec, get_spec
 
 MARKER = "verispec-model.json"
 _CHUNK = 1 << 22
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VERISPEC_HOME", Path.home() / ".cache" / "verispec"))
 
 
 def model_dir(name: str) -> Path:

@@ -1,4 +1,4 @@
-"""Draft-length policies: how many tokens to draft next. One file each; registry: name -> class."""
+"""Draft-length policies: how many tokens to draft next. One file each; each is registered in `verispec.registry`."""
 
 from verispec.policies.adaedl import AdaEDL
 from verispec.policies.base import DraftPolicy
@@ -7,13 +7,17 @@ from verispec.policies.egag import EGAG
 from verispec.policies.fixed import FixedGamma
 from verispec.policies.heuristic import Heuristic
 
-POLICIES = {"fixed": FixedGamma, "egag": EGAG, "heuristic": Heuristic, "confidence": Confidence, "adaedl": AdaEDL}
-
 
 def make_policy(name: str, **options) -> DraftPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
-    return POLICIES[name](**options)
+    """A policy from its registry name; options it does not take are refused with the list of those it does."""
+    from verispec.registry import policy
+
+    rec = policy(name)
+    unknown = sorted(set(options) - set(rec.options))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for policy {name!r}; it takes: "
+                         f"{', '.join(rec.options)}")
+    return rec.load()(**options)
 
 
-__all__ = ["DraftPolicy", "FixedGamma", "EGAG", "Heuristic", "Confidence", "AdaEDL", "POLICIES", "make_policy"]
+__all__ = ["DraftPolicy", "FixedGamma", "EGAG", "Heuristic", "Confidence", "AdaEDL", "make_policy"]

@@ -14,7 +14,7 @@ its input to bf16, accumulates in fp32 inside the kernel and returns fp32.
 It is not flat in rows: past ~4 rows it costs ~40 µs per row for a 896 x 4864 layer, 5x torch's dynamic int8 linear
 at 150 rows (same script) — so a drafter's *prefill* of a HumanEval prompt took ~0.4 s longer than on "fast-int8" and ate the
 per-token gain on short generations (measured on 20 HumanEval prompts). Each layer therefore also keeps a dynamic
-int8 copy (`verispec.backends.int8`, per-channel int8 weights from the same fp32 weights) and sends inputs of
+int8 copy (`verispec.kernels.int8`, per-channel int8 weights from the same fp32 weights) and sends inputs of
 `WIDE_ROWS` or more rows there: one-row draft steps read half the bytes, prompt-sized inputs get the fast int8 GEMM.
 Both copies are lossy versions of the same layer, and a drafter only changes speed, so which one a call takes is
 free. Memory: 0.63 + 1 B per weight, still 40% of fp32; `wide=False` leaves the int8 copy out.
@@ -24,7 +24,7 @@ Quantization (after Frantar et al. / gpt-fast's group-wise scheme): each output 
 (the kernel's convention is w = (q − 8)·s + z, so z = m + 8s). Scales and zero points are stored in bf16.
 Memory: 0.5 byte per weight plus 4 bytes per group (≈ 0.63 B/weight at group 32), against 4 B for fp32.
 
-Two kernels: on a CPU with AVX-512 VNNI, verispec builds its own (`verispec.backends.q4kernel`, on first use with
+Two kernels: on a CPU with AVX-512 VNNI, verispec builds its own (`verispec.kernels.q4kernel`, on first use with
 the machine's C++ compiler), which also rounds the activations to int8 per group of 32 and does integer dot
 products; it is faster than PyTorch's at every row count (`scripts/drafter_kernels.py`: 0.031 vs 0.073 ms for one
 row of a 896 x 4864 layer, 6.3 vs 7.0 ms through 24 cold MLP blocks) and took the 0.5B's draft step from 15.3–15.7
@@ -44,9 +44,9 @@ import functools
 import torch
 from torch import nn
 
-from verispec.backends.q4kernel import pack as q4_pack
-from verispec.backends.q4kernel import q4_kernel, q4_mm
-from verispec.backends.q4kernel import reference as q4_reference
+from verispec.kernels.q4kernel import pack as q4_pack
+from verispec.kernels.q4kernel import q4_kernel, q4_mm
+from verispec.kernels.q4kernel import reference as q4_reference
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
 DEFAULT_GROUP_SIZE = 32  # smallest error; measured no slower than 64 or 128 for a 1-row forward
@@ -99,7 +99,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.kernel = kernel
         self.register_buffer("packed", packed)  # "aten": opaque layout (N_pad, K / 2); "q4": (N_pad / 16, G, 256)
-        if kernel == "q4":  # fp16 scales and minima, (N_pad / 16, G, 16) each (backends.q4kernel.pack)
+        if kernel == "q4":  # fp16 scales and minima, (N_pad / 16, G, 16) each (kernels.q4kernel.pack)
             self.register_buffer("scales", scales_and_zeros[0])
             self.register_buffer("mins", scales_and_zeros[1])
         else:
@@ -124,7 +124,7 @@ class Int4Linear(nn.Module):
             scale = torch.cat([scale, scale.new_ones(pad, scale.shape[1])])
             lo = torch.cat([lo, lo.new_zeros(pad, lo.shape[1])])
         bias = None if lin.bias is None else lin.bias.detach().float().clone()
-        if group_size == 32 and q4_kernel() is not None:  # our VNNI kernel (backends.q4kernel): int8 activations
+        if group_size == 32 and q4_kernel() is not None:  # our VNNI kernel (kernels.q4kernel): int8 activations
             w, d, m = q4_pack(q, scale, lo)
             layer = cls(w, (d, m), bias, K, N, group_size, kernel="q4")
         else:
@@ -189,7 +189,7 @@ class Int4Linear(nn.Module):
 
 def _int8_copy(lin: nn.Module) -> nn.Module | None:
     """A dynamically quantized int8 copy of `lin` (as backend "fast-int8" makes it), or None without int8."""
-    from verispec.backends.int8 import int8_available, quantize_int8
+    from verispec.kernels.int8 import int8_available, quantize_int8
 
     if not int8_available():
         return None

@@ -1,12 +1,12 @@
 """Our own 4-bit x 8-bit CPU kernel for few-row drafter linears (AVX-512 VNNI), built on first use with the machine's
-C++ compiler; `verispec.backends.int4` falls back to PyTorch's int4 kernel wherever it cannot be built or run.
+C++ compiler; `verispec.kernels.int4` falls back to PyTorch's int4 kernel wherever it cannot be built or run.
 
 Why: a drafted token is a 1-row forward, and PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) spends its
 time turning every 4-bit weight into a float before multiplying: it reaches far less than the machine's memory
 bandwidth (see `scripts/drafter_kernels.py`). The scheme here is the one llama.cpp uses for Q4 x Q8 dot products:
 the activations are quantized too, per group of 32 to int8 (scale dx = max|x| / 127), so a group's dot product is
 integer work — one `vpdpbusd` multiplies 64 unsigned 4-bit weights by 64 int8 activations and adds them in fours.
-Per output row n and group g, with weights w = q·d + m (q in 0..15, `verispec.backends.int4.quantize_groups`):
+Per output row n and group g, with weights w = q·d + m (q in 0..15, `verispec.kernels.int4.quantize_groups`):
 
     y[n] = Σ_g  d[n,g] · dx[g] · Σ_j q[n,g,j] · xq[g,j]  +  m[n,g] · Σ_j x[g,j]
 
@@ -35,6 +35,9 @@ import sys
 import warnings
 
 import torch
+
+from verispec.home import cache_root
+from verispec.kernels.cpu import cpu_flags
 
 NO_BUILD_ENV = "VERISPEC_NO_KERNEL_BUILD"
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
@@ -122,27 +125,15 @@ torch::Tensor q4_mm(torch::Tensor x, torch::Tensor w, torch::Tensor d, torch::Te
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where unknown); `verispec.backends.native_bf16` reads them
-    too."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
-
-
 @functools.lru_cache(maxsize=1)
 def q4_kernel():
     """The compiled extension (its `q4_mm`), or None where this machine cannot build or run it (reason warned)."""
     if os.environ.get(NO_BUILD_ENV) == "1":
         return None
-    flags = _cpu_flags()
+    flags = cpu_flags()
     missing = [f for f in NEEDED_FLAGS if f not in flags]
     if missing:
         return None  # not an AVX-512 VNNI CPU: PyTorch's int4 kernel serves
-    from verispec.models.store import cache_root
-
     key = hashlib.sha256("\n".join([SOURCE, " ".join(CFLAGS), torch.__version__,
                                     " ".join(sorted(flags))]).encode()).hexdigest()[:16]
     build = cache_root() / "kernels" / f"q4_{key}"

@@ -6,7 +6,7 @@ fp32 `F.linear` (MKL) of Qwen2.5-1.5B's gate projection at 3.44 ms for 1 row but
 for 16 (MKL leaves its bandwidth-bound GEMV path at 2 rows and takes slow paths on AMD), while oneDNN with a
 weight reordered once into its blocked layout measured 2.70 / 3.26 / 5.63 ms — flat enough that the weight read
 dominates, as it should for a few rows — at fp32 accuracy (1e-6 vs fp64). Those are the motivation; what this
-module achieves on a given machine is measured by `verispec.backends.measure`.
+module achieves on a given machine is measured by `verispec.bench.measure`.
 
 How: `torch.ops.mkldnn._reorder_linear_weight(W)` once (W: (N, K) fp32 -> an opaque mkldnn tensor in oneDNN's
 blocked layout), then `torch.ops.mkldnn._linear_pointwise(x, W_packed, bias, "none", [], "")` per call (x: (M, K)

@@ -7,7 +7,7 @@ for the 1.5B target). `forward_cost_curve` times exactly the forward verispec ru
 (`DynamicCache.crop(-k)`), so every repeat sees the same context. ks are interleaved in a rotating order across
 repeats so a burst of load from another process spreads over all k instead of biasing one; medians are reported.
 
-    python -m verispec.backends.measure --model qwen2.5-coder-1.5b --backend torch,fast
+    python -m verispec.bench.measure --model qwen2.5-coder-1.5b --backend torch,fast
 
 prints RSS after loading and after each conversion, the T(k) table with T(k)/T(1) per backend, and whether
 greedy decoding of `--tokens` tokens from one HumanEval prompt is token-identical across the backends. One model
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from verispec.backends import apply_backend, backend_of, resolve_backend
+from verispec.backends import BACKENDS, apply_backend, backend_of, resolve_backend
 
 
 def rss_mib() -> dict[str, float]:
@@ -63,10 +63,10 @@ class CostTimer:
                  lean: bool = False):
         from transformers import DynamicCache
 
-        from verispec.backends.lean import lean_decoder
+        from verispec.rewrites.lean import lean_decoder
 
         self.m = _module(model)
-        # lean=True times the forward a drafter runs (verispec.backends.lean) where the model family is known.
+        # lean=True times the forward a drafter runs (verispec.rewrites.lean) where the model family is known.
         self.lean = lean_decoder(self.m) if lean else None
         self.ks = [int(k) for k in ks]
         if not self.ks or min(self.ks) < 1 or context < 1:
@@ -116,7 +116,7 @@ def forward_cost_curve(model, ks: Sequence[int] = (1, 2, 4, 8, 16), context: int
 
     model: an HF causal LM (nn.Module) or a verispec LoadedModel, on whatever backend it is on now. Runs `warmup`
     untimed rounds, then `repeats` timed rounds over all ks. Returns {k: median ms}. lean=True times a drafter's
-    forward (`verispec.backends.lean`) instead of transformers' where the model family is known.
+    forward (`verispec.rewrites.lean`) instead of transformers' where the model family is known.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("need repeats >= 1 and warmup >= 0")
@@ -128,10 +128,13 @@ def forward_cost_curve(model, ks: Sequence[int] = (1, 2, 4, 8, 16), context: int
     return timer.medians()
 
 
-def greedy_ids(model, prompt_ids: Sequence[int], n: int = 32) -> list[int]:
-    """Greedy continuation (token ids) of `prompt_ids` by plain autoregressive decoding with verispec."""
+def greedy_ids(model, prompt_ids: Sequence[int], n: int = 32) -> list[int] | None:
+    """Greedy continuation (token ids) of `prompt_ids` by plain autoregressive decoding with verispec; None on a
+    drafter-only backend (it cannot serve a target)."""
     import verispec
 
+    if not BACKENDS[backend_of(model)].target:
+        return None
     return verispec.generate(model, list(prompt_ids), method="ar", max_new_tokens=n).token_ids
 
 
@@ -164,7 +167,7 @@ def _fmt_rss(r: dict[str, float]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m verispec.backends.measure", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m verispec.bench.measure", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="registry name or local HF folder")
     ap.add_argument("--backend", default="torch,fast", help="comma-separated backends, in order (torch first)")
     ap.add_argument("--ks", default="1,2,4,8,16", help="comma-separated numbers of new tokens per forward")
@@ -229,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         del timers
         rss["after timing (all)"] = rss_mib()
         if args.tokens:
-            tokens = {b: greedy_ids(m, prompt, args.tokens) for b, m in models.items()}
+            tokens = {b: t for b, m in models.items() if (t := greedy_ids(m, prompt, args.tokens)) is not None}
         del models
     else:
         loaded = None
@@ -244,8 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            warmup=args.warmup)
             rss[f"after timing ({b})"] = rss_mib()  # every weight touched: the backend's resident size
             print(format_table({b: curves[b]}).splitlines()[-1], flush=True)
-            if args.tokens:
-                tokens[b] = greedy_ids(loaded, prompt, args.tokens)
+            if args.tokens and (t := greedy_ids(loaded, prompt, args.tokens)) is not None:
+                tokens[b] = t
     env["loadavg_end"] = os.getloadavg()
 
     print(f"\n{args.model}, context {args.context}, median of {args.repeats}, threads {env['threads']}, "

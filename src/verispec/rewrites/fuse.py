@@ -10,7 +10,7 @@ the same per-row groups as the separate ones would.
 The model's own forward keeps working: the old attributes (`q_proj`, ...) become `FusedPart`s, each returning its
 slice of the fused layer's output. The first part computes the fused product and keeps it for the next parts
 called on the very same input tensor (as transformers' Llama-family attention and MLP do), so one forward computes
-each fused product once; a part called on another input computes its own product. `verispec.backends.lean` calls
+each fused product once; a part called on another input computes its own product. `verispec.rewrites.lean` calls
 the fused layer directly.
 
 Applied only with the lossy drafter backends (see `verispec.backends.apply_backend`), and only to the model

@@ -6,7 +6,7 @@ are only about half of the step. transformers' forward wraps them in per-layer P
 mask construction, kwargs plumbing, attention-interface dispatch), which costs a fixed 1–2 ms per forward whatever
 the weights. `python scripts/drafter_forward.py` (0.5B on "fast-int4", 150-token cache, three alternating rounds in
 one process) measured T(1): transformers' forward 17.1–17.6 ms with separate projections and 16.3–16.5 ms with
-q/k/v and gate/up fused (`verispec.backends.fuse`); this forward 15.9–16.3 ms separate and 14.7–15.0 ms fused.
+q/k/v and gate/up fused (`verispec.rewrites.fuse`); this forward 15.9–16.3 ms separate and 14.7–15.0 ms fused.
 
 Used only by drafters (`CachedLM(..., lean=True)`, see `verispec.drafters.draft_model`): a drafter's numbers only
 decide how many drafts are accepted, never the output, so this path need not reproduce transformers' rounding bit
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from verispec.backends.fuse import FUSABLE_TYPES, fused_group
+from verispec.rewrites.fuse import FUSABLE_TYPES, fused_group
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""The registry of decoding methods and draft-length policies: what each is, what it needs, which options it takes.
+
+One record per method: verispec's speculative methods (each one file under `drafters/`), the baselines (`ar`,
+`beam`) and the benchmark peers (other engines' own generation, run by `verispec bench`). The API builds methods
+from it, routes each option to the method or to the policy by these lists (never by reading constructor
+signatures), the CLI lists its choices from it, the benchmark asks it whether a method uses a draft model, and the
+contract tests (`tests/test_contract.py`) run every registered lossless method. Factories are named as
+"module:attribute" and imported only when used, so reading the registry stays cheap (`verispec --help`).
+
+Adding a method: one file under `drafters/` (or `policies/`) and one record here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+def _resolve(ref: str):
+    module, _, attr = ref.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class Method:
+    """One decoding method.
+
+    kind: "speculative" (drafts, then verifies with the target: the engine loop), "baseline" (a different decoding
+    rule on the target alone, e.g. beam search) or "peer" (another engine's own generation, benchmark only).
+    build: for speculative methods a factory `(ctx) -> Drafter`; for baselines a function of the target;
+    for peers the benchmark's runner. lossless: keeps the target's distribution exactly (greedy: AR's tokens).
+    """
+
+    name: str
+    kind: str
+    build: str
+    summary: str
+    paper: str = ""
+    options: tuple[str, ...] = ()
+    needs_draft_model: bool = False
+    needs_training: bool = False
+    tree: bool = False  # may propose token trees
+    lossless: bool = True
+
+    def load(self):
+        return _resolve(self.build)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One draft-length policy; `gamma_option` is the option that `gamma=` (the CLI's --gamma) seeds."""
+
+    name: str
+    build: str
+    summary: str
+    options: tuple[str, ...]
+    gamma_option: str
+    paper: str = ""
+
+    def load(self):
+        return _resolve(self.build)
+
+
+NGRAM_OPTIONS = ("max_n", "max_contexts", "max_continuations", "min_context", "min_count")
+PEER_OPTIONS = ("kernels",)  # kernels=verispec: HF's algorithm on verispec's converted models (a labelled variant)
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("ar", "speculative", "verispec.drafters.base:NoDrafter.from_ctx",
+           "plain autoregressive decoding with a KV cache (the baseline every ratio is against)"),
+    Method("sd", "speculative", "verispec.drafters.draft_model:DraftModelDrafter.from_ctx",
+           "a small draft model sharing the target's vocabulary", "Leviathan et al. 2023; Chen et al. 2023",
+           options=("draft_vocab", "vocab_corpus"), needs_draft_model=True),
+    Method("nasd", "speculative", "verispec.drafters.ngram:NGramDrafter.from_ctx",
+           "an n-gram store over prompt + output, back-off to the 1-token context", "N-gram assisted SD",
+           options=NGRAM_OPTIONS),
+    Method("pld", "speculative", "verispec.drafters.prompt_lookup:PromptLookupDrafter.from_ctx",
+           "copies the continuation of the last n-gram found in the prompt / output", "Saxena 2023",
+           options=("max_ngram_size", "min_ngram_size", "num_pred_tokens", "search_generated")),
+    Method("nasd+sd", "speculative", "verispec.drafters.hybrid:HybridDrafter.from_ctx",
+           "n-gram continuation when confident, the draft model otherwise", "mixed draft source",
+           options=NGRAM_OPTIONS, needs_draft_model=True),
+    Method("rest", "speculative", "verispec.drafters.rest:RestDrafter.from_ctx",
+           "exact-match retrieval from a suffix-array datastore; a chain, or a token tree with tree_nodes=N",
+           "He et al. 2024", options=("datastore", "max_suffix", "min_suffix", "max_occurrences", "tree_nodes"),
+           tree=True),
+    Method("lookahead", "speculative", "verispec.drafters.lookahead:LookaheadDrafter.from_ctx",
+           "no drafter: a Jacobi window in the target's own forward fills an n-gram pool, verified as a tree",
+           "Fu et al. 2024", options=("window", "ngram", "guesses", "pool_from_text", "seed"), tree=True),
+    Method("beam", "baseline", "verispec.beam:beam_search",
+           "beam search on the target (a different decoding rule, not speculative)",
+           options=("num_beams", "length_penalty"), lossless=False),
+    Method("hf-ar", "peer", "verispec.bench.peers:run_hf", "transformers' own generate(), plain decoding",
+           options=PEER_OPTIONS),
+    Method("hf-assisted", "peer", "verispec.bench.peers:run_hf",
+           "transformers' assisted generation with the draft model (its own schedule unless gamma=)",
+           options=("gamma", *PEER_OPTIONS), needs_draft_model=True),
+    Method("hf-pld", "peer", "verispec.bench.peers:run_hf", "transformers' prompt lookup decoding",
+           options=("num_tokens", "ngram", *PEER_OPTIONS)),
+]}
+
+POLICIES: dict[str, Policy] = {p.name: p for p in [
+    Policy("fixed", "verispec.policies.fixed:FixedGamma", "a fixed γ", ("gamma",), "gamma",
+           "Leviathan et al. 2023"),
+    Policy("egag", "verispec.policies.egag:EGAG", "entropy-guided γ = ⌊(1 − H/log V)·γ_max⌋",
+           ("gamma_max", "gamma_min", "mode", "ema", "consistent", "threshold"), "gamma_max"),
+    Policy("heuristic", "verispec.policies.heuristic:Heuristic", "HF's +2 / −1 schedule", ("gamma", "gamma_max"),
+           "gamma"),
+    Policy("confidence", "verispec.policies.confidence:Confidence", "stop below a top-probability threshold",
+           ("threshold", "gamma_max", "consistent"), "gamma_max"),
+    Policy("adaedl", "verispec.policies.adaedl:AdaEDL", "stop when an entropy bound on acceptance drops",
+           ("gamma_max", "lam", "eps", "margin", "ema", "eps_min", "eps_max"), "gamma_max",
+           "Agrawal et al. 2024"),
+]}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def policy(name: str) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+def route_options(m: Method, p: Policy | None, options: dict) -> tuple[dict, dict]:
+    """Split options into (method options, policy options) by the records' own lists; anything else is an error
+    that names what each takes (a typo would otherwise be ignored silently)."""
+    mine = {k: v for k, v in options.items() if k in m.options}
+    theirs = {k: v for k, v in options.items() if p is not None and k in p.options and k not in mine}
+    unknown = sorted(set(options) - set(mine) - set(theirs))
+    if unknown:
+        takes = f"method {m.name!r} takes: {', '.join(m.options) or 'none'}"
+        if p is not None:
+            takes += f"; policy {p.name!r} takes: {', '.join(p.options)}"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {m.name!r}; {takes}")
+    return mine, theirs
+
+
+def describe() -> str:
+    """A table of every method and policy (for `verispec methods`)."""
+    lines = ["| method | kind | lossless | needs | options | reference |", "|---|---|---|---|---|---|"]
+    for m in METHODS.values():
+        needs = ", ".join(n for n, f in (("draft model", m.needs_draft_model), ("training", m.needs_training),
+                                          ("token trees", m.tree)) if f) or "—"
+        lines.append(f"| `{m.name}` | {m.kind} | {'yes' if m.lossless else 'no'} | {needs} | "
+                     f"{', '.join(m.options) or '—'} | {m.paper or '—'} |")
+    lines += ["", "| policy | what it does | options (`--gamma` seeds) |", "|---|---|---|"]
+    for p in POLICIES.values():
+        lines.append(f"| `{p.name}` | {p.summary} | {', '.join(p.options)} ({p.gamma_option}) |")
+    return "\n".join(lines)
