@@ -371,3 +371,56 @@ def test_int8_falls_back_to_fast_when_forced(pair):
         m = apply_backend(copy.deepcopy(target.model), "fast-int8", force_fallback=True)
     assert backend_of(m) == "fast"
     assert greedy(m) == greedy(target.model)
+
+
+# -- the registry: lossy backends never serve a target, model objects are never converted behind the caller -----------
+
+def test_every_backend_record_is_recognised_after_conversion(pair):
+    from verispec.backends import BACKENDS, LOSSY_BACKENDS, ConvertOptions, check_target, kernel_path
+
+    for name, rec in BACKENDS.items():
+        if rec.resolve is not None:  # aliases name another record
+            assert resolve_backend(name) in BACKENDS and BACKENDS[resolve_backend(name)].resolve is None
+            continue
+        ran = rec
+        while not ran.available(ConvertOptions()):  # this machine lacks its kernel: it falls back, with a warning
+            ran = BACKENDS[ran.fallback]
+        m = apply_backend(copy.deepcopy(pair[0].model), name)
+        assert backend_of(m) == ran.name and kernel_path(m), name
+        if rec.lossy:
+            assert name in LOSSY_BACKENDS and not rec.target and rec.not_target_because
+            with pytest.raises(ValueError, match=f"backend '{name}' cannot serve a target.*'fast' or 'torch'"):
+                check_target(name)
+        else:
+            check_target(name)
+    with pytest.raises(ValueError, match="already on backend 'fast'; load it again"):
+        apply_backend(apply_backend(copy.deepcopy(pair[0].model), "fast"), "fast-int8")  # was a silent no-op
+
+
+@pytest.mark.parametrize("name", ["fast-bf16", "fast-int8", "fast-int4"])
+def test_lossy_backends_are_refused_as_targets(pair, name):
+    """Their logits at a position depend on the other rows of the forward (tests/test_invariance.py measures it), so
+    speculative output on them would not be their own model's. Old code ran them as targets."""
+    target, drafter = pair
+    with pytest.raises(ValueError, match="cannot serve a target"):
+        verispec.generate(target, PROMPT, drafter=drafter, backend=name, max_new_tokens=4)
+    converted = apply_backend(copy.deepcopy(target.model), name)
+    with pytest.raises(ValueError, match="cannot serve a target"):
+        verispec.generate(converted, PROMPT, max_new_tokens=4)  # already converted objects too
+    assert greedy(target.model, drafter=apply_backend(copy.deepcopy(drafter.model), name)) == greedy(target.model)
+
+
+def test_model_objects_are_converted_only_as_copies(pair):
+    """Old code converted a model object in place when a backend was named: generate(m, drafter=m,
+    drafter_backend='fast-int8') silently turned the caller's target into an int8 model."""
+    m = copy.deepcopy(pair[0].model)
+    ref = greedy(m)
+    out = verispec.generate(m, PROMPT, drafter=m, drafter_backend="fast-int8", max_new_tokens=40)
+    assert linears(m) and backend_of(m) == "torch"  # the caller's object is untouched
+    assert out.backends == ("torch", "fast-int8") and out.token_ids == ref
+    fast = verispec.load_model(m, backend="fast")
+    assert fast.model is not m and backend_of(fast) == "fast" and backend_of(m) == "torch"
+    assert verispec.load_model(m, backend="auto").model is m  # the automatic backends leave objects alone
+    same = verispec.load_model(m, backend="fast", in_place=True)
+    assert same.model is m and backend_of(m) == "fast"  # converted in place only when asked
+    assert verispec.load_model(m, backend="fast").model is m  # already there: nothing to do

@@ -191,3 +191,18 @@ def test_method_specs():
                        ("hf-ar:gamma=3", "unknown option"), ("hf-assisted:kernels=mine", "kernels")):
         with pytest.raises(ValueError, match=match):
             parse_methods(bad)
+
+
+def test_drafter_cost_comes_from_the_registry_not_the_label():
+    """Old code decided by looking for "sd" in the label, which `nasd` contains: NASD, which runs no draft model,
+    got the drafter's cost in its accelerator projection."""
+    from verispec.bench.report import summarize
+
+    steps = [(4, 3), (4, 1)]
+    rows = [row("p", "ar", 4.0, tokens=6), row("p", "nasd", 2.0, steps), row("p", "sd:gamma=4", 2.0, steps)]
+    s = summarize({"methods": ["ar", "nasd", "sd:gamma=4"], "sampling": {"temperature": 0}}, rows,
+                  {"size_ratio": 0.5})
+    g = s["groups"]["overall"]
+    alpha, gamma = 4 / 8, 4
+    assert g["nasd"]["projected"] == pytest.approx(speedup(alpha, gamma, 0.0))  # drafting is free
+    assert g["sd:gamma=4"]["projected"] == pytest.approx(speedup(alpha, gamma, 0.5))

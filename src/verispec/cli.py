@@ -161,12 +161,6 @@ def cmd_methods(a) -> int:
     return 0
 
 
-def cmd_invariance(a) -> int:
-    from verispec.bench.invariance import main as invariance_main
-
-    return invariance_main(a.args)
-
-
 def cmd_theory(a) -> int:
     from verispec.bench.costmodel import theory_table
 
@@ -284,7 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="measure, per backend, how far a position's logits move between an AR forward and a "
                               "k-row chain or token-tree forward (`verispec invariance --help`)")
     inv.add_argument("args", nargs=argparse.REMAINDER)
-    inv.set_defaults(func=cmd_invariance)
 
     from verispec.datastore_cli import register as register_datastore
 
@@ -293,14 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["invariance"]:  # its own parser takes every argument, --help included
+        from verispec.bench.invariance import main as invariance_main
+
+        return _run(lambda: invariance_main(argv[1:]))
     a = build_parser().parse_args(argv)
+    return _run(lambda: a.func(a))
+
+
+def _run(command) -> int:
+    """Run a subcommand; errors in its input end with one line and exit status 2."""
     from verispec.allocator import tune_allocator
     from verispec.models.errors import ModelError
 
     tune_allocator()  # big per-step temporaries reuse heap pages (see allocator.py; VERISPEC_NO_MALLOPT=1)
-
     try:
-        return a.func(a)
+        return command()
     except (ValueError, ModelError, FileNotFoundError) as e:
         print(f"verispec: error: {e}", file=sys.stderr)
         return 2
