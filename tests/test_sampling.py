@@ -1,13 +1,15 @@
-"""`sampling.sample`: one draw by inverting the CDF — exact law, zero-mass ids never drawn, seeded, deterministic."""
+"""`sampling.sample`: one draw by inverting the CDF — exact law, zero-mass ids never drawn, seeded, deterministic.
+`Sampling.probs`: equal to an independent numpy transform (tests/law.py), ties and top-p boundaries included."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy import stats
 
-from verispec.allocator import NO_MALLOPT_ENV, tune_allocator
-from verispec.sampling import sample
+from verispec.backends.allocator import NO_MALLOPT_ENV, tune_allocator
+from verispec.sampling import Sampling, sample
 
 
 def test_one_hot_gives_its_token():
@@ -44,3 +46,65 @@ def test_allocator_tuning_can_be_switched_off(monkeypatch):
     assert tune_allocator() is False
     monkeypatch.delenv(NO_MALLOPT_ENV)
     assert isinstance(tune_allocator(), bool)  # True on glibc; False where mallopt does not exist
+
+
+# --- Sampling.probs against tests/law.py's numpy transform, written from HF's definitions ---------------------------
+
+def _compare(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> None:
+    from tests.law import probs
+
+    got = Sampling(temperature, top_k, top_p).probs(logits).double().numpy()  # (N, V)
+    want = probs(logits.numpy(), temperature, top_k, top_p)  # (N, V)
+    assert np.array_equal(got > 0, want > 0), (temperature, top_k, top_p)  # the same support, token for token
+    assert np.allclose(got, want, atol=1e-6, rtol=0), (temperature, top_k, top_p)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0, 1.7])
+@pytest.mark.parametrize("top_k", [0, 1, 3, 12, 40])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5, 0.05])
+def test_probs_equal_the_reference_transform_on_random_logits(temperature, top_k, top_p):
+    logits = torch.randn(64, 24, generator=torch.Generator().manual_seed(top_k)) * 3  # (N, V) no ties
+    _compare(logits, temperature, top_k, top_p)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0, 1.7])
+@pytest.mark.parametrize("top_k", [0, 2, 3, 5])
+@pytest.mark.parametrize("top_p", [1.0, 0.8, 0.45])
+def test_probs_equal_the_reference_transform_with_tied_logits(temperature, top_k, top_p):
+    """Integer logits over 10 tokens: ties everywhere, at the top-k boundary (all tied tokens are kept), inside the
+    top-p boundary (the stable ascending sort removes the lower id first, as torch's CPU sort does for V <= 16) and
+    at the greedy argmax (the first one wins)."""
+    from tests.law import warp
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randint(-2, 3, (200, 10), generator=g).float()  # (N, V)
+    if temperature and top_p < 1:
+        margins = [warp(row[None], temperature, top_k, top_p)[1] for row in logits.double().numpy()]
+        logits = logits[torch.tensor(margins) > 1e-6]  # rows where fp32 rounding could flip a token are no tie test
+        assert len(logits) > 100
+        kept = Sampling(temperature, top_k, top_p).probs(logits) > 0  # (N, V)
+        tied = logits[:, :, None] == logits[:, None, :]  # (N, V, V)
+        assert (tied & (kept[:, :, None] != kept[:, None, :])).any()  # top-p kept one of two equal logits
+    kept = (Sampling(temperature or 1.0, top_k).probs(logits) > 0).sum(-1)  # (N,)
+    if top_k and temperature:
+        assert (kept > top_k).any()  # ties at the k-th logit were kept, beyond k tokens
+    _compare(logits, temperature, top_k, top_p)
+
+
+@pytest.mark.parametrize("logits,top_k,top_p,keep", [
+    ([0, 0, 0, 0], 0, 0.75, [0, 1, 1, 1]), ([0, 0, 0, 0], 0, 0.5, [0, 0, 1, 1]), ([0, 0, 0, 0], 0, 0.25, [0, 0, 0, 1]),
+    ([0, 0, -1, 0, 0], 4, 0.5, [0, 0, 0, 1, 1]),  # top-k drops id 2 first: quarters again
+    ([-1, 0, 0, 0], 3, 0.7, [0, 1, 1, 1])])  # thirds: 1/3 > 0.3, nothing more goes
+def test_top_p_at_exactly_representable_boundaries(logits, top_k, top_p, keep):
+    """Equal logits: the cumulative probabilities 0.25, 0.5, 0.75, 1 hit 1 - top_p exactly (in fp32 and fp64);
+    `c <= 1 - top_p` removes those tokens, the lowest ids first."""
+    logits = torch.tensor([logits], dtype=torch.float32)  # (1, V)
+    got = Sampling(1.0, top_k, top_p).probs(logits)[0]
+    assert (got > 0).int().tolist() == keep
+    _compare(logits, 1.0, top_k, top_p)
+
+
+def test_greedy_is_the_first_argmax():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [-1.0, -1.0, -2.0, -1.0]])  # (2, 4)
+    assert Sampling().probs(logits).argmax(-1).tolist() == [1, 0]
+    _compare(logits, 0.0, 0, 1.0)

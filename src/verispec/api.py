@@ -11,7 +11,7 @@ from verispec.cache import CachedLM
 from verispec.engine import decode
 from verispec.models.load import LoadedModel, check_compatible, load_model
 from verispec.policies.base import DraftPolicy
-from verispec.registry import METHODS, Method, method as method_record, policy as policy_record, route_options
+from verispec.registry import Method, method as method_record, policy as policy_record, route_options
 from verispec.sampling import Sampling
 from verispec.types import GenerationStats
 from verispec.verifiers import RejectionVerifier

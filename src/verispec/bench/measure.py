@@ -1,7 +1,7 @@
 """Measure what a backend buys: the cost T(k) of one forward of k new tokens on a warm KV cache.
 
 Speculative decoding wins only if verifying k = γ + 1 tokens costs about one decode step, so the number that
-matters is the curve T(k)/T(1) (FACTS.md "Speed on this CPU": torch defaults gave 1.99 at k = 2 and 3.35 at k = 16
+matters is the curve T(k)/T(1) (on a 2-core Zen 3 machine, 2026-11-22, torch defaults gave 1.99 at k = 2 and 3.35 at k = 16
 for the 1.5B target). `forward_cost_curve` times exactly the forward verispec runs to verify: k new tokens after
 `context` cached ones, logits for all k positions; the cache is cropped back after each timed forward
 (`DynamicCache.crop(-k)`), so every repeat sees the same context. ks are interleaved in a rotating order across

@@ -46,6 +46,7 @@ def summarize(config: dict, rows: list[dict], cost: dict | None) -> dict:
                 continue
             agg = aggregate(mr, ar_rows, params if not mr[0].get("peer") else {"target": params["target"]})
             agg["peer"] = bool(mr[0].get("peer"))
+            agg["backend"] = mr[0].get("backend")  # the target backend it ran on (peers: plain "torch" unless asked)
             agg.update(predict(agg, t1, curve, cost.get("size_ratio") if uses_draft_model(m) else 0.0))
             table[m] = agg
         out[g] = table
@@ -67,7 +68,7 @@ def _table(table: dict, greedy: bool) -> list[str]:
     for m, r in table.items():
         sp = r["speedup_spread"]
         qual = _f(r["exact_match_ar"], ".0%") if greedy else _f(r["mean_loglik"], ".3f")
-        name = f"{m} (HF peer)" if r["peer"] else m
+        name = f"{m} (HF peer on `{r['backend'] or 'torch'}`)" if r["peer"] else m
         lines.append(
             f"| {name} | {r['new_tokens']} | {_f(r['tokens_per_s'])} | **{_f(r['speedup'])}x** | "
             f"{_f(sp['min'])} / {_f(sp['median'])} / {_f(sp['max'])} ({sp['of']}) | {_f(r['mat'])} | "
@@ -89,8 +90,9 @@ def markdown(s: dict) -> str:
          f"backends: target `{c.get('backends', {}).get('target', c.get('backend'))}`, drafter "
          f"`{c.get('backends', {}).get('drafter', c.get('drafter_backend'))}`" +
          (f" (also {', '.join(f'`{b}`' for b in extra)} where a method says `drafter_backend=`)" if extra else "") +
-         " (a target on a reduced-precision "
-         "backend *is* that reduced model: losslessness is relative to it).", "",
+         "; kernels: " + "; ".join(f"{k} {v}" for k, v in c.get("backends", {}).get("kernels", {}).items()) +
+         (f"; HF peers on `{c['backends']['peers']['target']}` (plain transformers, as their users run them)"
+          if c.get("backends", {}).get("peers", {}).get("target") else "") + ".", "",
          "Speedup = AR wall time / method wall time over the same prompts and repeats, in this run (AR is "
          "verispec's own autoregressive decoding with a KV cache). Tokens are counted as generated ids up to and "
          "including the first stop token, for every method. MAT = (accepted + recovered + bonus) / target "
@@ -142,6 +144,16 @@ def markdown(s: dict) -> str:
                 continue
             L.append(f"| {m} | {_f(r['speedup'])}x | {_f(r['predicted'], '.2f', 'x')} | {_f(r['c_measured'], '.3f')} | "
                      f"{_f(r['projected'], '.2f', 'x')} (projection) |")
+    inv = cost.get("invariance")
+    if inv:
+        L += ["", "## Batch invariance of the target", "",
+              f"On `{cost.get('backend', '?')}`, a position's logits moved by at most {inv['max_abs']:.2e} (relative "
+              f"{inv['max_rel']:.1e}) between the 1-row AR forward and the chain / tree forwards of up to 16 rows that "
+              f"verification runs (bit-identical: {'yes' if inv['bit_identical'] else 'no'}; by k: " +
+              ", ".join(f"{k}: {v:.1e}" for k, v in inv["chain_max_abs_by_k"].items()) + "). Greedy speculative output "
+              "equals greedy AR wherever the top-2 logit gap exceeds twice that; the smallest gap on the check's "
+              f"random context was {inv['min_top2_gap']:.2e} ({inv['at_risk']} positions at risk). A mismatch in the "
+              "exact-match column is a near tie or a bug: check `verispec invariance`."]
     pos = {m: r["acceptance_by_position"] for m, r in s["groups"]["overall"].items() if r["acceptance_by_position"]}
     if pos:
         L += ["", "## Acceptance by draft position", "", "| method | " +

@@ -9,7 +9,7 @@ it. A draft of up to γ tokens chains the store's own predictions as context.
 The draft is deterministic, so its draft distribution is one-hot (q = None) and the shared rejection verifier
 (Leviathan et al. 2023; Chen et al. 2023) keeps x_i with probability p_i(x_i) and, at the first rejection,
 samples the recovered token from norm(max(0, p_i - onehot(x_i))). The seed's implementation instead drew a fresh
-sample after a mismatch, which biases the output (../shared/FACTS.md); here nothing is ever resampled by the
+sample after a mismatch, which biases the output (romsto/Speculative-Decoding does the same); here nothing is ever resampled by the
 drafter. The seed's store also never consulted the 1-token context; here it is the last back-off level.
 
 Prediction rule: the most frequent continuation of a context, ties to the most recent one.

@@ -2,7 +2,8 @@
 drafter on this CPU.
 
 Lossy by design, like "fast-int8": a drafter's distribution only decides how many drafts the target accepts, never
-what the output is. Applied to a target, the target *is* the quantized model (name it so in outputs).
+what the output is. It never serves a target (`verispec.backends`): inputs of 4 or more rows take a separate int8
+copy (below), so a row's logits would depend on how many rows share its forward.
 
 Why int4: one drafted token is a 1-row forward, and a 1-row forward of a 0.5B model is bound by memory bandwidth —
 every weight byte is read once per token. Measured on this machine (2 cores, weights not in cache, 24 Qwen2.5-0.5B

@@ -1,11 +1,12 @@
 """Backend "fast-int8": dynamically quantized linears (int8 weights, int8 activations per call) — a cheap drafter.
 
 Lossy by design. A drafter's distribution only decides how many drafts the target accepts, never what the output
-is (the verifier keeps the target's distribution exactly), so a drafter may trade accuracy for speed. FACTS.md
-("Kernels") measured `torch.ao.quantization.quantize_dynamic` at 0.61 ms for one row of Qwen-1.5B's gate projection
-versus 3.44 ms for the fp32 default — the cheapest path found there, at ~2e-2 relative error. Its effect on the
-acceptance rate has to be measured per drafter; applied to a target, the target *is* the quantized model and
-losslessness holds relative to it (name it so in outputs).
+is (the verifier keeps the target's distribution exactly), so a drafter may trade accuracy for speed. A measurement
+on a 2-core Zen 3 machine (2026-11-22) found `torch.ao.quantization.quantize_dynamic` at 0.61 ms for one row of
+Qwen-1.5B's gate projection versus 3.44 ms for the fp32 default — the cheapest path found there, at ~2e-2 relative
+error. Its effect on the acceptance rate has to be measured per drafter. It never serves a target
+(`verispec.backends`): the activation scale is taken over all rows of a call, so a row's logits depend on the other
+rows scored with it.
 
 Weights are quantized per output channel (symmetric int8, one scale per row), activations per call (per-tensor,
 from the observed range), accumulation in int32, output fp32 (FBGEMM / x86 engine on this CPU). The API is

@@ -1,8 +1,8 @@
 """A drop-in `nn.Linear` that multiplies with a oneDNN pre-packed fp32 weight (inference only).
 
 Why: verification feeds k = γ + 1 tokens through the target at once, and speculative decoding only pays when that
-costs about one decode step. With torch defaults on this CPU it does not: FACTS.md ("Kernels") measured a single
-fp32 `F.linear` (MKL) of Qwen2.5-1.5B's gate projection at 3.44 ms for 1 row but 7.03 ms for 2 rows and 10.3 ms
+costs about one decode step. With torch defaults on this CPU it does not: a measurement on a 2-core Zen 3 machine
+(2026-11-22) found a single fp32 `F.linear` (MKL) of Qwen2.5-1.5B's gate projection at 3.44 ms for 1 row but 7.03 ms for 2 rows and 10.3 ms
 for 16 (MKL leaves its bandwidth-bound GEMV path at 2 rows and takes slow paths on AMD), while oneDNN with a
 weight reordered once into its blocked layout measured 2.70 / 3.26 / 5.63 ms — flat enough that the weight read
 dominates, as it should for a few rows — at fp32 accuracy (1e-6 vs fp64). Those are the motivation; what this
