@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -40,3 +43,20 @@ def pair():
     target = LoadedModel(tiny_llama(64, seed=1, scale=20.0), tok, "tiny-target")
     drafter = LoadedModel(tiny_llama(64, seed=2, layers=1, hidden=16, scale=20.0), tok, "tiny-drafter")
     return target, drafter
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Saved tiny target / drafter folders (the drafter a noisy copy of the target) and a 4-prompt .jsonl."""
+    tok = word_tokenizer(["<unk>"] + [f"w{i}" for i in range(63)])
+    t = tiny_llama(64, seed=1, scale=8.0)
+    d = copy.deepcopy(t)
+    with torch.no_grad():
+        d.lm_head.weight.add_(torch.randn(d.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)))
+    for name, m in (("t", t), ("d", d)):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    data = tmp_path / "p.jsonl"
+    data.write_text("\n".join(json.dumps({"id": i, "prompt": " ".join(f"w{(i * 7 + j) % 60}" for j in range(6)),
+                                          "category": "ab"[i % 2], "reference": "w1 w2"}) for i in range(4)))
+    return tmp_path

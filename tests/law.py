@@ -288,7 +288,14 @@ def draw(job: Job, n: int, seed: int, n_tokens: int, *, sampling, prompt: list[i
     engine resets the caches and calls policy.start at every generation). The n generations are split into CHUNKS
     chunks, chunk c drawing from its own torch.Generator seeded from (seed, c), so the result depends on (job, n,
     seed, n_tokens, sampling, prompt) only: identical inline (n_workers=1) and on forked workers. A worker pool that
-    does not answer within `timeout` seconds is abandoned with a warning and the chunks are run inline.
+    does not answer within `timeout` seconds is abandoned with a warning and the chunks are run inline. Every
+    generation must yield n_tokens tokens (no stop ids hit). counts[Σ t_i V^(n-1-i)] counts sequences t_1..t_n,
+    V = the target CachedLM's vocab_size, the layout of exact_law.
+
+        job = job_for(target_model, lambda: NGramDrafter(), lambda: FixedGamma(3))
+        counts, rounds = draw(job, 3000, seed=1, n_tokens=4, sampling=Sampling(temperature=1.0))
+        assert rounds.drafted(3) > 0 and rounds.accepted_at(3) > 0 and rounds.rejected_at(3) > 0
+        assert chi2_pvalue(counts, exact_law(target_model, PROMPT, 4, Sampling(temperature=1.0))) > 1e-3
     """
     global _JOB
     _JOB = dict(job=job, n=n, seed=seed, n_tokens=n_tokens, sampling=sampling, prompt=list(prompt),

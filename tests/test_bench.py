@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-import torch
 
 from verispec.bench.costmodel import expected_tokens, optimal_gamma, predict, speedup, verify_ratio
 from verispec.bench.datasets import DATASETS, humaneval, load_prompts
@@ -15,7 +13,6 @@ from verispec.bench.metrics import aggregate
 from verispec.bench.report import render
 from verispec.bench.runner import run_bench
 from verispec.cli import main
-from tests.conftest import tiny_llama, word_tokenizer
 
 
 def row(pid, method, t, steps=None, tokens=None, repeat=0, ids=None):
@@ -68,22 +65,6 @@ def test_cost_model_theory():
     assert p["predicted"] == pytest.approx(1.75 / (1.0 + 2.0)) and p["projected"] == pytest.approx(1.75 / 1.5)
 
 
-@pytest.fixture
-def folders(tmp_path):
-    tok = word_tokenizer(["<unk>"] + [f"w{i}" for i in range(63)])
-    t = tiny_llama(64, seed=1, scale=8.0)
-    d = copy.deepcopy(t)
-    with torch.no_grad():
-        d.lm_head.weight.add_(torch.randn(d.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)))
-    for name, m in (("t", t), ("d", d)):
-        m.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-    data = tmp_path / "p.jsonl"
-    data.write_text("\n".join(json.dumps({"id": i, "prompt": " ".join(f"w{(i * 7 + j) % 60}" for j in range(6)),
-                                          "category": "ab"[i % 2], "reference": "w1 w2"}) for i in range(4)))
-    return tmp_path
-
-
 def test_bench_counts_every_method_the_same_way_and_renders_from_rows(folders):
     out = folders / "run"
     s = run_bench(str(folders / "t"), str(folders / "d"), "sd,sd:gamma=2,hf-ar,hf-assisted",
@@ -105,7 +86,7 @@ def test_bench_counts_every_method_the_same_way_and_renders_from_rows(folders):
     assert all(r["exact_match_ar"] == 1.0 for r in overall.values()) and s["lossless_violations"] == {}
     assert overall["sd"]["bleu"] is not None
     report = (out / "report.md").read_text()
-    assert "## Category: a" in report and "hf-assisted (HF peer)" in report and "WARNING" not in report
+    assert "## Category: a" in report and "hf-assisted (HF peer on `torch`)" in report and "WARNING" not in report
     assert (out / "plots" / "speedup.png").stat().st_size > 1000
 
     # Re-render from the saved rows alone; a tampered row is flagged loudly as a lossless violation.
@@ -135,6 +116,9 @@ def test_drafter_backends_compared_in_one_run(folders):
     assert cost["drafter_backend"] == cfg["backends"]["drafter"] and cost["other_drafters"]["fast-int8"]["1"] > 0
     report = (out / "report.md").read_text()
     assert "(also `fast-int8` where a method says `drafter_backend=`)" in report and "on `fast-int8` (c = " in report
+    inv = cost["invariance"]  # what greedy equality rests on, measured on the target's backend
+    assert inv["max_abs"] < 1e-4 and inv["argmax_agree"] and set(inv["chain_max_abs_by_k"]) == {"1", "2", "4", "8", "16"}
+    assert "## Batch invariance of the target" in report
     with pytest.raises(ValueError, match="unknown backend"):
         run_bench(str(folders / "t"), str(folders / "d"), "sd:drafter_backend=int3", str(folders / "p.jsonl"),
                   num_prompts=1, max_new_tokens=2, out_dir=folders / "bad", progress=False, warmup=False)

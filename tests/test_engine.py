@@ -15,7 +15,6 @@ from verispec.policies import FixedGamma
 from verispec.sampling import Sampling
 from verispec.types import Draft
 from verispec.verifiers import RejectionVerifier
-from tests.conftest import tiny_llama
 
 PROMPT = [3, 17, 42, 5, 9]
 

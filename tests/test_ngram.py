@@ -1,16 +1,10 @@
-"""NASD (n-gram drafter): the store on its own, greedy equality with AR, and sampling losslessness.
-
-Also home of two helpers shared with test_prompt_lookup.py and test_hybrid.py: `exact_law` (the exact law of the
-next n tokens, the n-token generalisation of test_distribution.exact_two_token_law) and `draw` (end-to-end
-speculative generations counted per n-token outcome).
-"""
+"""NASD (n-gram drafter): the store on its own and greedy equality with AR. Its sampling law at K = 2, with the
+negative control, is in the contract suite (tests/test_contract.py), which runs every registered method."""
 
 from __future__ import annotations
 
-import collections
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,41 +17,11 @@ from verispec.sampling import Sampling
 from verispec.types import Draft, VerifyResult
 from verispec.verifiers import RejectionVerifier
 from tests.conftest import tiny_llama
-from tests.test_distribution import PROMPT, V, ResidualIsTarget, chi2_pvalue, exact_two_token_law, models
+from tests.test_distribution import PROMPT, models
 
 REPEAT = PROMPT * 2  # [1, 5, 2, 1, 5, 2]: the n-gram drafters find the prompt's own continuation
 GREEDY_PROMPT = [3, 17, 42, 5, 9] * 3  # tiny random targets fall into loops: drafts get accepted
 T1 = Sampling(temperature=1.0, seed=1)
-
-
-def exact_law(target, sampling: Sampling, prompt: list[int], n: int) -> np.ndarray:
-    """P(t_1 .. t_n | prompt) under the target and the sampling transform, from fresh full forwards. (V**n,)"""
-    law = torch.ones(1, dtype=torch.float64)  # (V**0,)
-    prefixes: list[list[int]] = [[]]
-    with torch.no_grad():
-        for _ in range(n):
-            ctx = torch.tensor([prompt + q for q in prefixes])  # (V**d, T+d)
-            p = sampling.probs(target(ctx).logits[:, -1]).double()  # (V**d, V)
-            law = (law[:, None] * p).reshape(-1)  # (V**(d+1),) index = sum t_i V**(n-1-i)
-            prefixes = [q + [t] for q in prefixes for t in range(V)]
-    return (law / law.sum()).numpy()
-
-
-def draw(target, drafter, sampling: Sampling, n_draws: int, prompt: list[int], n_tokens: int, gamma: int = 2,
-         verifier=RejectionVerifier()):
-    """Counts of each n-token outcome over n_draws generations, plus tokens accepted and drafted per source."""
-    counts = np.zeros(V ** n_tokens)
-    accepted, drafted = collections.Counter(), collections.Counter()
-    lm = CachedLM(target)
-    g = torch.Generator().manual_seed(sampling.seed)
-    for _ in range(n_draws):
-        ids, s = decode(lm, drafter, verifier, FixedGamma(gamma), prompt, max_new_tokens=n_tokens,
-                        sampling=sampling, stop_ids=frozenset(), method="test", generator=g)
-        counts[int(np.ravel_multi_index(ids, (V,) * n_tokens))] += 1
-        for st in s.steps:
-            accepted[st.source] += st.accepted
-            drafted[st.source] += st.drafted
-    return counts, accepted, drafted
 
 
 def run(target, drafter, gamma, n, prompt=GREEDY_PROMPT, sampling=Sampling(), stop_ids=frozenset()):
@@ -216,27 +180,6 @@ def test_greedy_matches_ar_with_a_tiny_store_and_other_n(pair):
     for opts in ({"max_n": 2}, {"max_n": 6}, {"max_contexts": 4, "max_continuations": 1}):
         out = verispec.generate(target, GREEDY_PROMPT, method="nasd", gamma=4, max_new_tokens=60, **opts)
         assert out.token_ids == ar(target.model, 60), opts
-
-
-def test_exact_law_agrees_with_the_two_token_helper(monkeypatch):
-    target, _ = models()
-    monkeypatch.setattr("tests.test_distribution.PROMPT", REPEAT)
-    assert np.allclose(exact_law(target, T1, REPEAT, 2), exact_two_token_law(target, T1))
-
-
-def test_samples_follow_the_target():
-    """6000 generations of 3 tokens from a repeated prompt: the first round drafts 2 tokens, [1, 5]."""
-    target, _ = models()
-    counts, accepted, drafted = draw(target, NGramDrafter(), T1, 6000, REPEAT, 3)
-    assert drafted["ngram"] >= 6000 * 2 and accepted["ngram"] > 1000  # drafts happen and are often accepted
-    assert chi2_pvalue(counts, exact_law(target, T1, REPEAT, 3)) > 1e-3
-
-
-def test_a_biased_recovery_is_detected_with_ngram_drafts():
-    """The same test rejects recovering from p instead of norm(max(0, p - onehot)) (the seed's NASD bias)."""
-    target, _ = models()
-    counts, _, _ = draw(target, NGramDrafter(), T1, 1000, REPEAT, 3, verifier=ResidualIsTarget())
-    assert chi2_pvalue(counts, exact_law(target, T1, REPEAT, 3)) < 1e-6
 
 
 # ---------------------------------------------------------------- options

@@ -12,7 +12,6 @@ from verispec.bench.runner import run_bench
 from verispec.models import LoadedModel
 from verispec.sampling import Sampling
 from tests.conftest import tiny_llama
-from tests.test_bench import folders  # noqa: F401  (fixture: saved tiny target / drafter folders and prompts)
 
 SAMPLINGS = [Sampling(), Sampling(temperature=0.7), Sampling(temperature=1.0, top_k=5),
              Sampling(temperature=0.5, top_k=3, top_p=0.9), Sampling(temperature=1.0, top_p=0.8)]
@@ -45,7 +44,7 @@ def test_peer_options_reach_transformers():
     assert generation_config(Sampling(), frozenset(), 8, "hf-pld", {"num_tokens": 7}).prompt_lookup_num_tokens == 7
 
 
-def test_peers_run_on_plain_transformers_copies(folders):  # noqa: F811
+def test_peers_run_on_plain_transformers_copies(folders):
     """Old code ran HF's generate on the target *after* verispec converted it to its own oneDNN layers, a speed no
     HF user gets; `kernels=verispec` keeps that as a labelled variant."""
     out = folders / "peers"

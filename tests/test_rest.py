@@ -12,20 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import verispec
-from verispec.cache import CachedLM
 from verispec.datastore import (SEP, Datastore, DatastoreError, DatastoreMismatchError, build_datastore,
                                 build_datastore_file, corpus_files, find, suffix_array)
 from verispec.datastore_cli import register
 from verispec.registry import METHODS
 from verispec.drafters.rest import RestDrafter
-from verispec.engine import decode
 from verispec.models import LoadedModel
 from verispec.policies import FixedGamma
 from verispec.sampling import Sampling
 from verispec.types import VerifyResult
 from verispec.verifiers import RejectionVerifier
 from tests.conftest import tiny_llama, word_tokenizer
-from tests.test_distribution import PROMPT as DIST_PROMPT, V, chi2_pvalue, exact_two_token_law, models
+from tests import law
+from tests.test_distribution import PROMPT as DIST_PROMPT, V, models
 
 PROMPT = [3, 17, 42, 5, 9]
 WORDS = ["<unk>"] + [f"w{i}" for i in range(63)]  # the `pair` fixture's tokenizer: id i + 1 is "w{i}"
@@ -314,59 +313,27 @@ class AcceptEverything(RejectionVerifier):
         return super().verify(draft, p, generator)
 
 
-def draw_rest(target, ds, sampling, n, gamma=2, verifier=RejectionVerifier(), tree_nodes=0):
-    counts = np.zeros(V * V)
-    lm = CachedLM(target)
-    drafter = RestDrafter(ds, min_suffix=1, tree_nodes=tree_nodes)
-    g = torch.Generator().manual_seed(sampling.seed)
-    drafted = accepted = 0
-    for _ in range(n):
-        ids, s = decode(lm, drafter, verifier, FixedGamma(gamma), DIST_PROMPT, max_new_tokens=2,
-                        sampling=sampling, stop_ids=frozenset(), method="rest", generator=g)
-        counts[ids[0] * V + ids[1]] += 1
-        drafted, accepted = drafted + s.drafted, accepted + s.accepted
-    return counts, drafted, accepted
-
-
-def rest_datastore_for_distribution(law):
+def rest_datastore_for_distribution(law2):
     """Drafts after the prompt: the corpus' most frequent continuation of its suffix [5, 2] is x, a token the
     target gives moderate probability, so drafts are both kept and rejected."""
-    p1 = law.reshape(V, V).sum(1)  # (V,) target law of the first token
+    p1 = law2.reshape(V, V).sum(1)  # (V,) target law of the first token
     x = int(np.argmin(np.abs(p1 - 0.4)))
     assert 0.1 < p1[x] < 0.9
     docs = [[5, 2, x, 1], [5, 2, x, 6], [5, 2, (x + 1) % V, 4], [3, 1, 2, 7]]
     return Datastore.from_docs(docs, vocab_size=V), p1[x]
 
 
-def test_rest_samples_follow_the_target():
-    target, _ = models()
-    s = Sampling(temperature=1.0, seed=5)
-    law = exact_two_token_law(target, s)
-    ds, p_x = rest_datastore_for_distribution(law)
-    n = 6000
-    counts, drafted, accepted = draw_rest(target, ds, s, n)
-    assert chi2_pvalue(counts, law) > 1e-3
-    assert drafted == n  # one draft per generation (the budget of 2 leaves room for one)
-    assert abs(accepted / drafted - p_x) < 0.03  # a one-hot draft x is kept with probability p(x)
-
-
-def test_rest_tree_samples_follow_the_target():
-    """Two first-level candidates (x, x + 1) verified as a tree: the second is tried under p without x."""
-    target, _ = models()
-    s = Sampling(temperature=1.0, seed=7)
-    law = exact_two_token_law(target, s)
-    ds, p_x = rest_datastore_for_distribution(law)
-    counts, drafted, accepted = draw_rest(target, ds, s, 6000, tree_nodes=4)
-    assert chi2_pvalue(counts, law) > 1e-3
-    assert accepted / 6000 > p_x + 0.02  # the second branch is kept in some rounds that rejected x
-
-
 def test_the_distribution_check_catches_a_verifier_that_ignores_p():
+    """REST's chain and tree laws at K = 2 are in the contract suite (tests/test_contract.py); this is a second kind
+    of broken verifier, one that keeps every draft."""
     target, _ = models()
     s = Sampling(temperature=1.0, seed=6)
-    law = exact_two_token_law(target, s)
-    counts, _, _ = draw_rest(target, rest_datastore_for_distribution(law)[0], s, 1500, verifier=AcceptEverything())
-    assert chi2_pvalue(counts, law) < 1e-6
+    exact = law.exact_law(target, DIST_PROMPT, 2, s)
+    ds = rest_datastore_for_distribution(exact)[0]
+    job = law.job_for(target, lambda: RestDrafter(ds, min_suffix=1), lambda: FixedGamma(2), AcceptEverything)
+    counts, rounds = law.draw(job, 1500, seed=6, n_tokens=2, sampling=s, prompt=DIST_PROMPT)
+    assert rounds.drafted(1) == 1500
+    assert law.chi2_pvalue(counts, exact) < 1e-6
 
 
 def test_rest_is_registered_as_a_model_free_method():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from verispec.backends.allocator import NO_MALLOPT_ENV, tune_allocator
+from verispec.allocator import NO_MALLOPT_ENV, tune_allocator
 from verispec.sampling import Sampling, sample
 
 

@@ -3,21 +3,19 @@ round against a fresh computation, and the tree verifier's output law (with a ne
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from verispec.cache import CachedLM
 from verispec.drafters.base import Drafter
-from verispec.engine import decode
 from verispec.policies import FixedGamma
 from verispec.sampling import Sampling, sample
 from verispec.types import Draft
 from verispec.verifiers import RejectionVerifier
 from verispec.verifiers.tree import verify_tree
 from tests.conftest import tiny_llama
-from tests.test_distribution import V, chi2_pvalue, models
-from tests.test_ngram import exact_law
+from tests import law
+from tests.test_distribution import models
 
 PREFIX = [3, 17, 42, 5, 9, 11, 2]
 # node:        0   1   2   3   4   5   6
@@ -135,28 +133,22 @@ PROMPT3 = [1, 5, 2, 1, 5, 2]
 T1 = Sampling(temperature=1.0, seed=4)
 
 
-def draw_tree(verifier, n_draws: int) -> tuple[np.ndarray, int]:
-    target, _ = models()
-    lm = CachedLM(target)
-    g = torch.Generator().manual_seed(T1.seed)
-    counts, accepted = np.zeros(V ** 3), 0
-    for _ in range(n_draws):
-        ids, s = decode(lm, FixedTreeDrafter(), verifier, FixedGamma(2), PROMPT3, max_new_tokens=3, sampling=T1,
-                        stop_ids=frozenset(), method="tree", generator=g)
-        counts[int(np.ravel_multi_index(ids, (V,) * 3))] += 1
-        accepted += s.accepted
-    return counts, accepted
+def draw_tree(verifier_cls, n_draws: int):
+    """n_draws generations of 3 tokens with the fixed tree (2 levels: the first round verifies the whole tree)."""
+    job = law.job_for(models()[0], FixedTreeDrafter, lambda: FixedGamma(2), verifier_cls)
+    return law.draw(job, n_draws, seed=T1.seed, n_tokens=3, sampling=T1, prompt=PROMPT3)
 
 
 def test_tree_samples_follow_the_target():
-    counts, accepted = draw_tree(RejectionVerifier(), 6000)
-    assert accepted > 2000  # the tree's nodes are really kept, at several depths
-    assert chi2_pvalue(counts, exact_law(models()[0], T1, PROMPT3, 3)) > 1e-3
+    """The tree rule at depth 2 against the exact law (numpy, tests/law.py); nodes kept at both depths."""
+    counts, rounds = draw_tree(RejectionVerifier, 6000)
+    assert rounds.accepted_at(1) > 2000 and rounds.accepted_at(2) > 100
+    assert law.chi2_pvalue(counts, law.exact_law(models()[0], PROMPT3, 3, T1)) > 1e-3
 
 
 def test_a_tree_verifier_that_forgets_rejected_children_is_detected():
-    counts, _ = draw_tree(RecoverFromTarget(), 2000)
-    assert chi2_pvalue(counts, exact_law(models()[0], T1, PROMPT3, 3)) < 1e-6
+    counts, _ = draw_tree(RecoverFromTarget, 2000)
+    assert law.chi2_pvalue(counts, law.exact_law(models()[0], PROMPT3, 3, T1)) < 1e-6
 
 
 def test_sampled_trees_are_refused():

@@ -1,0 +1,197 @@
+"""The contract every registered lossless method keeps, run over the registry: a method gets these tests by being
+registered (`verispec.registry.METHODS`).
+
+1. Greedy equality: its greedy output is token-for-token plain greedy decoding (AR), with drafts both kept and
+   rejected. What this rests on: a position's logits differ between a 1-row AR forward and a k-row verify forward
+   by ~1e-6 in fp32 (`verispec invariance`), so the test also checks that every top-2 logit gap along the AR path is
+   far above that — a near tie could flip either way and would not be the method's fault.
+2. Sampling: χ² of 3-token generations at K = 2 (the first round drafts two tokens, so draft position 2 is reached,
+   and drafts there are both kept and rejected) against the exact law computed in numpy from the target's raw
+   logits (`tests/law.py`), on a 4-token vocabulary. Smallest TV bias detected: see `CHI2_N` and the power test.
+3. Unknown options are refused, naming what the method takes.
+
+The tiny world: `SETTINGS` gives a method the options it needs on tiny models (REST a datastore) and extra variants
+worth covering (REST and Lookahead trees, a trimmed drafter vocabulary). A newly registered method runs with no
+options; if it needs some, these tests fail until it gets an entry here.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import verispec
+from verispec.api import _Ctx
+from verispec.cache import CachedLM
+from verispec.datastore import Datastore
+from verispec.models import LoadedModel
+from verispec.policies import FixedGamma
+from verispec.registry import METHODS
+from verispec.sampling import Sampling, sample
+from verispec.verifiers import RejectionVerifier
+from tests.conftest import tiny_llama
+from tests.law import chi2_pvalue, draw, exact_law, min_detectable_tv, pooled_cells
+
+LOSSLESS = [m for m in METHODS.values() if m.kind == "speculative" and m.lossless and m.name != "ar"]
+
+
+def corpus(*docs: list[int], vocab: int) -> Datastore:
+    return Datastore.from_docs([list(d) for d in docs], vocab_size=vocab)
+
+
+def retrieval_corpus(ids: list[int], vocab: int) -> Datastore:
+    """The text, every 7th token changed (so retrieved drafts are sometimes wrong), and the text reversed."""
+    noisy = [t if i % 7 else (t + 1) % vocab for i, t in enumerate(ids)]
+    return corpus(noisy, ids[::-1], vocab=vocab)
+
+
+# method -> [(variant id, options(target_ids) -> dict)]: target_ids is text the tiny target writes (for corpora)
+SETTINGS = {
+    "rest": [("chain", lambda ids, V: {"datastore": retrieval_corpus(ids, V)}),
+             ("tree", lambda ids, V: {"datastore": retrieval_corpus(ids, V), "tree_nodes": 6})],
+    "lookahead": [("paper", lambda ids, V: {}),
+                  ("pool_from_text", lambda ids, V: {"pool_from_text": True, "ngram": 3})],
+    "sd": [("full", lambda ids, V: {}),
+           ("draft_vocab", lambda ids, V: {"draft_vocab": max(3, V // 2), "vocab_corpus": corpus(ids, vocab=V)})],
+}
+
+
+def variants(law: bool = False):
+    """(method, variant, options factory) for every registered lossless method; `law` = the settings for χ²,
+    where a variant that cannot draft in 3-token generations (Lookahead's paper setting warms up for N - 2 rounds)
+    is left out."""
+    out = []
+    for m in LOSSLESS:
+        for vid, opts in SETTINGS.get(m.name, [("default", lambda ids, V: {})]):
+            if law and (m.name, vid) == ("lookahead", "paper"):
+                continue
+            out.append(pytest.param(m.name, opts, id=f"{m.name}-{vid}"))
+    return out
+
+
+def noisy_copy(model: torch.nn.Module, sigma: float, seed: int) -> torch.nn.Module:
+    """A drafter that agrees with the target often but not always."""
+    d = copy.deepcopy(model)
+    with torch.no_grad():
+        d.lm_head.weight.add_(torch.randn(d.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)) *
+                              sigma)
+    return d
+
+
+# -- 1. greedy equality ------------------------------------------------------------------------------------------
+
+GREEDY_PROMPT = [3, 17, 42, 5, 9] * 3  # tiny random targets fall into loops: n-gram drafts get accepted
+
+
+@pytest.fixture(scope="module")
+def greedy_world():
+    target = tiny_llama(64, seed=1, scale=20.0)
+    drafter = noisy_copy(target, 0.6, 4)
+    ar = verispec.generate(target, GREEDY_PROMPT, method="ar", max_new_tokens=48).token_ids
+    with torch.no_grad():  # top-2 gaps along the AR path, from one plain forward
+        logits = target(torch.tensor([GREEDY_PROMPT + ar])).logits[0, len(GREEDY_PROMPT) - 1:-1]  # (48, V)
+    top2 = logits.topk(2, dim=-1).values
+    return target, drafter, ar, float((top2[:, 0] - top2[:, 1]).min())
+
+
+def test_greedy_path_has_no_near_ties(greedy_world):
+    """What greedy equality rests on: a chain or tree forward moves a logit by at most δ from the AR forward
+    (`verispec invariance`), so greedy SD can differ from AR only where the top-2 gap is below 2δ. Every gap on this
+    path is more than 10 x 2δ, so a mismatch in the tests below is the method's fault, not a near tie."""
+    from verispec.bench.invariance import batch_invariance
+
+    delta = batch_invariance(greedy_world[0], context=len(GREEDY_PROMPT))["overall"]["max_abs"]
+    assert 0 <= delta < 1e-5 and greedy_world[3] > 10 * 2 * max(delta, 1e-6)
+
+
+@pytest.mark.parametrize("name,options", variants())
+def test_greedy_output_is_ar_output(greedy_world, name, options):
+    target, drafter, ar, _ = greedy_world
+    m = METHODS[name]
+    out = verispec.generate(target, GREEDY_PROMPT, method=name, drafter=drafter if m.needs_draft_model else None,
+                            gamma=4, max_new_tokens=48, **options(GREEDY_PROMPT + ar, 64))
+    assert out.token_ids == ar
+    s = out.stats
+    assert 0 < s.accepted < s.drafted, "drafts must be both kept and rejected for the test to mean something"
+
+
+# -- 2. sampling: the exact law at K = 2 ---------------------------------------------------------------------------
+
+V = 4
+LAW_PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # repeats: every n-gram drafter finds continuations
+K = 2
+N_TOKENS = K + 1  # the first round drafts K tokens (the engine caps a round at the budget left minus one)
+CHI2_N = 6000
+NEGATIVE_N = 1500
+SAMPLING = Sampling(temperature=1.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def law_world():
+    target = tiny_llama(V, seed=11, scale=4.0)
+    drafter = tiny_llama(V, seed=12, layers=1, hidden=16, scale=4.0)  # differs a lot: acceptance well below 1
+    law = exact_law(target, LAW_PROMPT, N_TOKENS, SAMPLING)
+    # a corpus the retrieval drafters can match: the prompt's pattern and other sequences over the vocabulary
+    g = np.random.default_rng(0)
+    text = [int(t) for t in g.integers(0, V, 400)]
+    return target, drafter, law, text
+
+
+def job_for(name: str, options: dict, target, drafter, verifier=None):
+    """Builds the method from its registry factory, exactly as verispec.generate does."""
+    m = METHODS[name]
+    t = LoadedModel(target, None, "tiny-target")
+    d = LoadedModel(drafter, None, "tiny-drafter") if m.needs_draft_model else None
+    return lambda: (CachedLM(target), m.load()(_Ctx(t, d, frozenset(), dict(options))),
+                    verifier or RejectionVerifier(), FixedGamma(K))
+
+
+@pytest.mark.parametrize("name,options", variants(law=True))
+def test_samples_follow_the_target_at_every_draft_position(law_world, name, options):
+    target, drafter, law, text = law_world
+    counts, rounds = draw(job_for(name, options(LAW_PROMPT + text, V), target, drafter), CHI2_N, seed=5,
+                          n_tokens=N_TOKENS, sampling=SAMPLING, prompt=LAW_PROMPT)
+    assert rounds.drafted(K) > CHI2_N // 20, "draft position K was rarely reached: the test would not cover it"
+    assert rounds.accepted_at(K) > 0 and rounds.rejected_at(K) > 0
+    assert chi2_pvalue(counts, law) > 1e-3
+
+
+class RecoverFromP(RejectionVerifier):
+    """Broken on purpose: the recovered token is drawn from the target's p at the rejected position instead of the
+    residual (norm(max(0, p − q)) for a chain; p without the rejected children for a tree) — the classic bias."""
+
+    def verify(self, draft, p, generator):
+        r = super().verify(draft, p, generator)
+        if r.kind == "recovered":
+            row = (r.path[-1] + 1 if r.path else 0) if draft.parents is not None else r.accepted
+            r.token = sample(p[row], generator)
+        return r
+
+
+@pytest.mark.parametrize("name,options", variants(law=True))
+def test_the_same_statistic_rejects_a_biased_recovery(law_world, name, options):
+    """The negative control, per method: the χ² above has power against a wrong recovered token with its drafts."""
+    target, drafter, law, text = law_world
+    job = job_for(name, options(LAW_PROMPT + text, V), target, drafter, verifier=RecoverFromP())
+    counts, _ = draw(job, NEGATIVE_N, seed=6, n_tokens=N_TOKENS, sampling=SAMPLING, prompt=LAW_PROMPT)
+    assert chi2_pvalue(counts, law) < 1e-6
+
+
+def test_the_law_tests_have_power(law_world):
+    """Smallest total-variation bias the χ² tests above detect with power 0.9 at p < 1e-3 (worst case, on their
+    pooled cells): below 0.06 at CHI2_N = 6000 draws."""
+    cells = pooled_cells(law_world[2], CHI2_N)
+    assert cells >= 30 and min_detectable_tv(CHI2_N, cells) < 0.06
+
+
+# -- 3. options -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [m.name for m in LOSSLESS] + ["ar"])
+def test_unknown_options_are_refused(pair, name):
+    target, drafter = pair
+    with pytest.raises(ValueError, match=f"unknown option.*no_such_option.*method '{re.escape(name)}' takes"):
+        verispec.generate(target, [1, 2, 3], method=name, drafter=drafter, max_new_tokens=2, no_such_option=1)
