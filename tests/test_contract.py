@@ -30,7 +30,7 @@ from verispec.cache import CachedLM
 from verispec.datastore import Datastore
 from verispec.models import LoadedModel
 from verispec.policies import FixedGamma
-from verispec.registry import METHODS
+from verispec.registry import METHODS, VERIFIERS
 from verispec.sampling import Sampling, sample
 from verispec.verifiers import RejectionVerifier
 from tests.conftest import tiny_llama
@@ -49,27 +49,32 @@ def retrieval_corpus(ids: list[int], vocab: int) -> Datastore:
     return corpus(noisy, ids[::-1], vocab=vocab)
 
 
-# method -> [(variant id, options(target_ids) -> dict)]: target_ids is text the tiny target writes (for corpora)
+# method -> [(variant id, options(target_ids, V) -> dict[, verifier name])]: target_ids is text the tiny target writes
+# (for corpora); the optional third entry runs the variant under another registered chain verifier.
 SETTINGS = {
     "rest": [("chain", lambda ids, V: {"datastore": retrieval_corpus(ids, V)}),
              ("tree", lambda ids, V: {"datastore": retrieval_corpus(ids, V), "tree_nodes": 6})],
     "lookahead": [("paper", lambda ids, V: {}),
                   ("pool_from_text", lambda ids, V: {"pool_from_text": True, "ngram": 3})],
     "sd": [("full", lambda ids, V: {}),
-           ("draft_vocab", lambda ids, V: {"draft_vocab": max(3, V // 2), "vocab_corpus": corpus(ids, vocab=V)})],
+           ("draft_vocab", lambda ids, V: {"draft_vocab": max(3, V // 2), "vocab_corpus": corpus(ids, vocab=V)}),
+           ("block", lambda ids, V: {}, "block")],
+    "sd-tree": [("without_replacement", lambda ids, V: {"tree": "2x2"}),
+                ("iid", lambda ids, V: {"tree": "2x2", "children": "iid"}),
+                ("topk", lambda ids, V: {"children": "topk", "top_k": 2, "nodes": 5})],
 }
 
 
 def variants(law: bool = False):
-    """(method, variant, options factory) for every registered lossless method; `law` = the settings for χ²,
-    where a variant that cannot draft in 3-token generations (Lookahead's paper setting warms up for N - 2 rounds)
-    is left out."""
+    """(method, options factory, verifier) for every registered lossless method and its variants; `law` = the
+    settings for χ², where a variant that cannot draft in 3-token generations (Lookahead's paper setting warms up
+    for N - 2 rounds) is left out."""
     out = []
     for m in LOSSLESS:
-        for vid, opts in SETTINGS.get(m.name, [("default", lambda ids, V: {})]):
+        for vid, opts, *ver in SETTINGS.get(m.name, [("default", lambda ids, V: {})]):
             if law and (m.name, vid) == ("lookahead", "paper"):
                 continue
-            out.append(pytest.param(m.name, opts, id=f"{m.name}-{vid}"))
+            out.append(pytest.param(m.name, opts, ver[0] if ver else None, id=f"{m.name}-{vid}"))
     return out
 
 
@@ -108,12 +113,12 @@ def test_greedy_path_has_no_near_ties(greedy_world):
     assert 0 <= delta < 1e-5 and greedy_world[3] > 10 * 2 * max(delta, 1e-6)
 
 
-@pytest.mark.parametrize("name,options", variants())
-def test_greedy_output_is_ar_output(greedy_world, name, options):
+@pytest.mark.parametrize("name,options,verifier", variants())
+def test_greedy_output_is_ar_output(greedy_world, name, options, verifier):
     target, drafter, ar, _ = greedy_world
     m = METHODS[name]
     out = verispec.generate(target, GREEDY_PROMPT, method=name, drafter=drafter if m.needs_draft_model else None,
-                            gamma=4, max_new_tokens=48, **options(GREEDY_PROMPT + ar, 64))
+                            gamma=4, max_new_tokens=48, verifier=verifier, **options(GREEDY_PROMPT + ar, 64))
     assert out.token_ids == ar
     s = out.stats
     assert 0 < s.accepted < s.drafted, "drafts must be both kept and rejected for the test to mean something"
@@ -127,6 +132,7 @@ K = 2
 N_TOKENS = K + 1  # the first round drafts K tokens (the engine caps a round at the budget left minus one)
 CHI2_N = 6000
 NEGATIVE_N = 1500
+NEGATIVE_N_SAMPLED_TREE = 3000  # sampled trees recover rarely (a token must fail every sibling): twice the draws
 SAMPLING = Sampling(temperature=1.0, seed=3)
 
 
@@ -142,42 +148,52 @@ def law_world():
 
 
 def job_for(name: str, options: dict, target, drafter, verifier=None):
-    """Builds the method from its registry factory, exactly as verispec.generate does."""
+    """Builds the method from its registry factory, exactly as verispec.generate does; `verifier` is a verifier
+    object or a registry name."""
     m = METHODS[name]
     t = LoadedModel(target, None, "tiny-target")
     d = LoadedModel(drafter, None, "tiny-drafter") if m.needs_draft_model else None
+    make = (lambda: VERIFIERS[verifier].load()()) if isinstance(verifier, str) else (lambda: verifier)
     return lambda: (CachedLM(target), m.load()(_Ctx(t, d, frozenset(), dict(options))),
-                    verifier or RejectionVerifier(), FixedGamma(K))
+                    make() if verifier is not None else RejectionVerifier(), FixedGamma(K))
 
 
-@pytest.mark.parametrize("name,options", variants(law=True))
-def test_samples_follow_the_target_at_every_draft_position(law_world, name, options):
+@pytest.mark.parametrize("name,options,verifier", variants(law=True))
+def test_samples_follow_the_target_at_every_draft_position(law_world, name, options, verifier):
     target, drafter, law, text = law_world
-    counts, rounds = draw(job_for(name, options(LAW_PROMPT + text, V), target, drafter), CHI2_N, seed=5,
+    counts, rounds = draw(job_for(name, options(LAW_PROMPT + text, V), target, drafter, verifier), CHI2_N, seed=5,
                           n_tokens=N_TOKENS, sampling=SAMPLING, prompt=LAW_PROMPT)
     assert rounds.drafted(K) > CHI2_N // 20, "draft position K was rarely reached: the test would not cover it"
     assert rounds.accepted_at(K) > 0 and rounds.rejected_at(K) > 0
     assert chi2_pvalue(counts, law) > 1e-3
 
 
-class RecoverFromP(RejectionVerifier):
-    """Broken on purpose: the recovered token is drawn from the target's p at the rejected position instead of the
-    residual (norm(max(0, p − q)) for a chain; p without the rejected children for a tree) — the classic bias."""
+def recover_from_p(base):
+    """`base` broken on purpose: the recovered token is drawn from the target's p at the rejected position instead of
+    the residual (norm(max(0, p − q)) for a chain; what is left after the rejected children for a tree)."""
 
-    def verify(self, draft, p, generator):
-        r = super().verify(draft, p, generator)
-        if r.kind == "recovered":
-            row = (r.path[-1] + 1 if r.path else 0) if draft.parents is not None else r.accepted
-            r.token = sample(p[row], generator)
-        return r
+    class RecoverFromP(base):
+        def verify(self, draft, p, generator):
+            r = super().verify(draft, p, generator)
+            if r.kind == "recovered":
+                row = (r.path[-1] + 1 if r.path else 0) if draft.parents is not None else r.accepted
+                r.token = sample(p[row], generator)
+            return r
+
+    return RecoverFromP
 
 
-@pytest.mark.parametrize("name,options", variants(law=True))
-def test_the_same_statistic_rejects_a_biased_recovery(law_world, name, options):
-    """The negative control, per method: the χ² above has power against a wrong recovered token with its drafts."""
+@pytest.mark.parametrize("name,options,verifier", variants(law=True))
+def test_the_same_statistic_rejects_a_biased_recovery(law_world, name, options, verifier):
+    """The negative control, per method: the χ² above has power against a wrong recovered token with its drafts
+    (under the chain verifier the variant names, broken the same way)."""
     target, drafter, law, text = law_world
-    job = job_for(name, options(LAW_PROMPT + text, V), target, drafter, verifier=RecoverFromP())
-    counts, _ = draw(job, NEGATIVE_N, seed=6, n_tokens=N_TOKENS, sampling=SAMPLING, prompt=LAW_PROMPT)
+    base = VERIFIERS[verifier or "rejection"].load()
+    opts = options(LAW_PROMPT + text, V)
+    job = job_for(name, opts, target, drafter, verifier=recover_from_p(base)())
+    sampled_tree = name == "sd-tree" and opts.get("children") != "topk"
+    counts, _ = draw(job, NEGATIVE_N_SAMPLED_TREE if sampled_tree else NEGATIVE_N, seed=6, n_tokens=N_TOKENS,
+                     sampling=SAMPLING, prompt=LAW_PROMPT)
     assert chi2_pvalue(counts, law) < 1e-6
 
 

@@ -3,6 +3,7 @@ round against a fresh computation, and the tree verifier's output law (with a ne
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,9 +13,11 @@ from verispec.policies import FixedGamma
 from verispec.sampling import Sampling, sample
 from verispec.types import Draft
 from verispec.verifiers import RejectionVerifier
+from verispec.drafters.children import SCHEMES
 from verispec.verifiers.tree import verify_tree
 from tests.conftest import tiny_llama
 from tests import law
+from tests.law import chi2_pvalue
 from tests.test_distribution import models
 
 PREFIX = [3, 17, 42, 5, 9, 11, 2]
@@ -151,12 +154,73 @@ def test_a_tree_verifier_that_forgets_rejected_children_is_detected():
     assert law.chi2_pvalue(counts, law.exact_law(models()[0], PROMPT3, 3, T1)) < 1e-6
 
 
-def test_sampled_trees_are_refused():
-    d = Draft([1, 2], torch.full((2, 8), 1 / 8), "t", parents=[-1, -1])
-    with pytest.raises(ValueError, match="deterministic"):
-        verify_tree(d, torch.full((3, 8), 1 / 8), None)
-
-
 def test_parents_must_come_first():
     with pytest.raises(ValueError, match="parents must come before"):
         Draft([1, 2], parents=[1, -1]).depths()
+
+
+# -- sampled children: SpecInfer's i.i.d. draws and recursive rejection sampling without replacement ------------------
+
+P_NODE = torch.tensor([0.45, 0.25, 0.15, 0.1, 0.05, 0.0])  # the target's law at the node
+Q_NODE = torch.tensor([0.05, 0.1, 0.2, 0.25, 0.3, 0.1])  # the drafter's: most of its mass where p has little
+NODE_N = 30_000
+
+
+def node_round_counts(scheme, k: int, n: int, seed: int, report=None):
+    """n verify rounds of one node whose k children were drawn from Q_NODE by `scheme`: counts of the token emitted
+    at the node (the kept child or the recovered token), and how many rounds kept a child. `report` turns the drawn
+    children's distributions into what the drafter claims (a broken drafter)."""
+    g = torch.Generator().manual_seed(seed)
+    counts, kept = np.zeros(6), 0
+    for _ in range(n):
+        xs, qs = scheme(Q_NODE, k, g)
+        d = Draft(xs, torch.stack(report(xs, qs) if report else qs), "test", parents=[-1] * len(xs))
+        r = verify_tree(d, torch.stack([P_NODE] * (1 + len(xs))), g)  # (1 + k, V); only the root's row matters here
+        counts[d.tokens[r.path[0]] if r.path else r.token] += 1
+        kept += bool(r.path)
+    return counts, kept
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_sampled_children_follow_the_target(k):
+    """Both schemes emit exactly p at the node, and drawing without replacement keeps a child more often.
+    n = 30000 rounds, 5 cells: the smallest TV bias detected is about 0.01."""
+    kept = {}
+    for name, scheme in SCHEMES.items():
+        counts, kept[name] = node_round_counts(scheme, k, NODE_N, seed=k)
+        assert chi2_pvalue(counts, P_NODE.double().numpy()) > 1e-3, name
+        assert counts[5] == 0  # p has no mass there, q has
+    assert kept["without_replacement"] > kept["iid"] * 1.02
+
+
+def test_iid_draws_reported_as_drawn_without_replacement_are_detected():
+    """Drawing with replacement under the without-replacement rule: the drafter draws i.i.d. but reports for child j
+    q with the earlier siblings removed and renormalised, as a without-replacement drafter would."""
+    def claim_without_replacement(xs, qs):
+        out, q = [], qs[0]
+        for x in xs:
+            out.append(q)
+            q = q.clone()
+            q[x] = 0.0
+            q = q / q.sum()
+        return out
+    counts, _ = node_round_counts(SCHEMES["iid"], 3, 5000, seed=9, report=claim_without_replacement)
+    assert chi2_pvalue(counts, P_NODE.double().numpy()) < 1e-6
+
+
+def test_reusing_p_after_a_rejection_is_detected(monkeypatch):
+    """A verifier that tries the next child against p instead of the residual norm(max(0, r − q))."""
+    from verispec.verifiers import tree
+
+    real = tree.try_children
+
+    def stale(r, tokens, qs, generator):
+        for j, (x, q) in enumerate(zip(tokens, qs)):
+            kept, _ = real(r, [x], [q], generator)
+            if kept is not None:
+                return j, r
+        return None, real(r, tokens[:1], qs[:1], generator)[1] if tokens else r
+
+    monkeypatch.setattr(tree, "try_children", stale)
+    counts, _ = node_round_counts(SCHEMES["without_replacement"], 3, 5000, seed=10)
+    assert chi2_pvalue(counts, P_NODE.double().numpy()) < 1e-6

@@ -12,9 +12,9 @@ from verispec.engine import decode
 from verispec.models.load import LoadedModel, check_compatible, load_model
 from verispec.policies.base import DraftPolicy
 from verispec.registry import Method, method as method_record, policy as policy_record, route_options
+from verispec.registry import verifier as verifier_record
 from verispec.sampling import Sampling
 from verispec.types import GenerationStats
-from verispec.verifiers import RejectionVerifier
 
 
 @dataclass
@@ -85,6 +85,8 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
     "beam"); default "sd" when a drafter model is given, else "ar". sampling: Sampling(temperature=0) is greedy.
     policy: a DraftPolicy or a policy name from `verispec.registry.POLICIES`; extra keyword options go to the
     method or the policy by the options each record lists (an option neither takes is an error).
+    verifier: a verifier object or a name from `verispec.registry.VERIFIERS` ("rejection", the default, or
+    "block"); it decides chains, token trees always take the multi-step tree rule.
     backend / drafter_backend: how models that verispec loads by name run (see verispec.load_model). The target's
     backend must be one that can serve a target (`verispec.backends`: not the lossy drafter backends).
     """
@@ -96,6 +98,10 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
         raise ValueError(f"method {m.name!r} is a benchmark peer (another engine's own generation): run it with "
                          f"`verispec bench --methods {m.name}`")
     policy, options = resolve_policy(m, policy, gamma, options)
+    if m.kind == "baseline" and verifier is not None:
+        raise ValueError(f"method {m.name!r} verifies nothing: it takes no verifier")
+    if verifier is None or isinstance(verifier, str):
+        verifier = verifier_record(verifier or "rejection").load()()
     check_target(backend)
     target = load_model(target, backend=backend)
     check_target(target.backend)  # a model object passed in may already be on a drafter-only backend
@@ -115,7 +121,7 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
             draft_model = load_model(drafter, backend=default_for_drafter(backend, drafter_backend))
             check_compatible(target, draft_model)
         d = m.load()(_Ctx(target, draft_model, target.stop_ids, options))
-        ids, stats = decode(CachedLM(target.model), d, verifier or RejectionVerifier(), policy, prompt_ids,
+        ids, stats = decode(CachedLM(target.model), d, verifier, policy, prompt_ids,
                             max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=target.stop_ids,
                             method=m.name, generator=generator)
     text = target.tokenizer.decode(ids, skip_special_tokens=True) if target.tokenizer is not None else None

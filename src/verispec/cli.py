@@ -96,7 +96,8 @@ def cmd_generate(a) -> int:
         options["num_beams"] = a.num_beams
     out = verispec.generate(a.target, prompt, drafter=a.drafter if method != "ar" else None, method=method,
                             gamma=a.gamma, sampling=_sampling(a), max_new_tokens=a.max_new_tokens,
-                            policy=a.policy, backend=a.backend, drafter_backend=a.drafter_backend, **options)
+                            policy=a.policy, verifier=a.verifier, backend=a.backend,
+                            drafter_backend=a.drafter_backend, **options)
     s = out.stats.summary()
     s["backends"] = f"{out.backends[0]}" + (f" / drafter {out.backends[1]}" if out.backends[1] else "")
     if a.json:
@@ -186,7 +187,7 @@ DRAFTER_BACKEND_HELP = ("drafter backend (default: auto-draft, the cheapest loss
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from verispec.registry import METHODS, POLICIES
+    from verispec.registry import METHODS, POLICIES, VERIFIERS
 
     p = argparse.ArgumentParser(prog="verispec", description="Lossless speculative decoding and its benchmark.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"with a drafter, else ar; `verispec methods` lists them with their options)")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verify round (default 4)")
     g.add_argument("--policy", default="fixed", help=f"draft-length policy: {_names(POLICIES)}")
+    g.add_argument("--verifier", help=f"chain verifier: {_names(VERIFIERS)} (default rejection; trees always take "
+                                      "the multi-step tree rule)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method or policy option, repeatable (e.g. --option max_n=3 --option gamma_max=8)")
     g.add_argument("--max-new-tokens", type=int, default=128)

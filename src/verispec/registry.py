@@ -82,6 +82,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("nasd+sd", "speculative", "verispec.drafters.hybrid:HybridDrafter.from_ctx",
            "n-gram continuation when confident, the draft model otherwise", "mixed draft source",
            options=NGRAM_OPTIONS, needs_draft_model=True),
+    Method("sd-tree", "speculative", "verispec.drafters.draft_tree:DraftTreeDrafter.from_ctx",
+           "the draft model grows a token tree per round: sampled children (without replacement or i.i.d.) "
+           "or EAGLE-2's top-k expansion", "Miao et al. 2024 (SpecInfer); Jeon et al. 2024; Li et al. 2024 (EAGLE-2)",
+           options=("tree", "children", "top_k", "nodes"), needs_draft_model=True, tree=True),
     Method("rest", "speculative", "verispec.drafters.rest:RestDrafter.from_ctx",
            "exact-match retrieval from a suffix-array datastore; a chain, or a token tree with tree_nodes=N",
            "He et al. 2024", options=("datastore", "max_suffix", "min_suffix", "max_occurrences", "tree_nodes"),
@@ -114,6 +118,35 @@ POLICIES: dict[str, Policy] = {p.name: p for p in [
            ("gamma_max", "lam", "eps", "margin", "ema", "eps_min", "eps_max"), "gamma_max",
            "Agrawal et al. 2024"),
 ]}
+
+
+@dataclass(frozen=True)
+class VerifierRecord:
+    """One verification rule for chains (token trees always use the multi-step tree rule)."""
+
+    name: str
+    build: str
+    summary: str
+    paper: str = ""
+
+    def load(self):
+        return _resolve(self.build)
+
+
+VERIFIERS: dict[str, VerifierRecord] = {v.name: v for v in [
+    VerifierRecord("rejection", "verispec.verifiers.rejection:RejectionVerifier",
+                   "token-level speculative sampling: keep x_i with min(1, p/q), stop at the first rejection",
+                   "Leviathan et al. 2023; Chen et al. 2023"),
+    VerifierRecord("block", "verispec.verifiers.block:BlockVerifier",
+                   "block verification: how much of the chain to keep is decided jointly (never fewer tokens)",
+                   "Sun et al. 2025"),
+]}
+
+
+def verifier(name: str) -> VerifierRecord:
+    if name not in VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}; known: {', '.join(VERIFIERS)}")
+    return VERIFIERS[name]
 
 
 def method(name: str) -> Method:
@@ -153,4 +186,7 @@ def describe() -> str:
     lines += ["", "| policy | what it does | options (`--gamma` seeds) |", "|---|---|---|"]
     for p in POLICIES.values():
         lines.append(f"| `{p.name}` | {p.summary} | {', '.join(p.options)} ({p.gamma_option}) |")
+    lines += ["", "| verifier (`verifier=`) | rule for chains | reference |", "|---|---|---|"]
+    for v in VERIFIERS.values():
+        lines.append(f"| `{v.name}` | {v.summary} | {v.paper} |")
     return "\n".join(lines)

@@ -20,10 +20,14 @@ class Draft:
 
     tokens: the K draft token ids. For a chain, in order; for a token tree, one id per tree node.
     q: (K, V) the exact distributions each token was sampled from, after the same sampling transform as the
-       target; None for deterministic drafters, which the verifier treats as one-hot.
+       target; None for deterministic drafters, which the verifier treats as one-hot. In a sampled tree, row i is
+       what node i was drawn from *given its earlier siblings* (the parent's q for i.i.d. children; q with the
+       earlier siblings removed and renormalised for children drawn without replacement).
     source: which drafter produced the tokens (for hybrid drafters' statistics).
     parents: None for a chain; for a token tree, the parent node of each of the K nodes (-1 = the pending token,
-       i.e. the last committed token), every parent listed before its children. Siblings carry distinct tokens.
+       i.e. the last committed token), every parent listed before its children, siblings in the order they were
+       drawn (the order the verifier tries them). Deterministic siblings carry distinct tokens; i.i.d. sampled
+       siblings may repeat one (a repeat is never kept).
     side_tokens / side_parents: extra nodes the target scores in the same forward without verifying them (e.g.
        Lookahead decoding's Jacobi window); a parent index < K names a draft node, K + j the side node j, -1 the
        pending token. Their logits go back to the drafter through `Drafter.observe`.

@@ -2,7 +2,8 @@
 `sd:policy=egag:gamma_max=8`, `hf-assisted:gamma=4`).
 
 Every name is a record of `verispec.registry.METHODS`; keys are the method's own options, its policy's options, or
-one of the benchmark's: `gamma` (γ, or γ_max for the adaptive policies), `policy`, and `drafter_backend=B` (run the
+one of the benchmark's: `gamma` (γ, or γ_max for the adaptive policies), `policy`, `verifier` (e.g.
+`sd:verifier=block`), and `drafter_backend=B` (run the
 method with the drafter loaded on backend B, so drafter backends are compared on the same prompts in the same run;
 each backend's drafter is loaded once). Labels are checked here, before any model is loaded.
 
@@ -16,12 +17,12 @@ from dataclasses import dataclass, field
 
 import verispec
 from verispec.models import LoadedModel
-from verispec.registry import METHODS, Method, method, policy, route_options
+from verispec.registry import METHODS, Method, method, policy, route_options, verifier
 from verispec.sampling import Sampling
 from verispec.types import GenerationStats
 from verispec.validate import parse_value
 
-BENCH_KEYS = ("gamma", "policy", "drafter_backend")  # read by the benchmark, not passed on as method options
+BENCH_KEYS = ("gamma", "policy", "verifier", "drafter_backend")  # the benchmark's and generate()'s own keys
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ def _check_params(m: Method, params: dict, label: str) -> None:
     if m.kind == "baseline" and "policy" in params:
         raise ValueError(f"{label!r}: {m.name} drafts nothing and takes no policy")
     p = None if m.kind == "baseline" else policy(str(params.get("policy", "fixed")))
+    if "verifier" in params:
+        if m.kind == "baseline":
+            raise ValueError(f"{label!r}: {m.name} verifies nothing and takes no verifier")
+        verifier(str(params["verifier"]))
     route_options(m, p, {k: v for k, v in params.items() if k not in BENCH_KEYS})
 
 
