@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from verispec.bench.costmodel import expected_tokens, optimal_gamma, predict, speedup, verify_ratio
+from verispec.bench.costmodel import (conditional_acceptance, expected_tokens, expected_tokens_by_position,
+                                      optimal_gamma, predict, speedup, verify_ratio)
 from verispec.bench.datasets import DATASETS, humaneval, load_prompts
 from verispec.bench.methods import parse_methods
 from verispec.bench.metrics import aggregate
@@ -63,6 +64,25 @@ def test_cost_model_theory():
                 {1: 100.0, 3: 200.0}, 0.25)
     assert p["c_measured"] == pytest.approx(0.5)
     assert p["predicted"] == pytest.approx(1.75 / (1.0 + 2.0)) and p["projected"] == pytest.approx(1.75 / 1.5)
+
+
+def test_per_position_prediction_sees_bursty_acceptance():
+    """Rounds of 4 that keep all or nothing: α̂ = 1/2 and the i.i.d. formula predicts 1.94 tokens per round, but
+    rounds give 3.0 on average; the per-position and accepted-length predictions get it right."""
+    d, a = [4] * 10, [4, 0] * 5
+    beta = conditional_acceptance(d, a)
+    assert beta == [0.5, 1.0, 1.0, 1.0]
+    assert expected_tokens_by_position(beta, 4) == pytest.approx(3.0) and expected_tokens(0.5, 4) < 2
+    curve = {1: 100.0, 5: 200.0}
+    p = predict({"acceptance_rate": 0.5, "mean_gamma": 4, "drafted": 40, "t_draft": 0.4}, 100.0, curve, 0.1,
+                rounds=(d, a, d))
+    cost = 10 * (4 * 0.1 + 2.0)  # c = 0.4 s / 40 drafts / 0.1 s = 0.1; T(5)/T(1) = 2
+    assert p["predicted_by_position"] == pytest.approx(30 / cost) == p["predicted_from_lengths"]
+    assert p["predicted"] == pytest.approx(expected_tokens(0.5, 4) / 2.4)
+    # a tree: 2 levels, 6 nodes scored per round; the cost uses the nodes, the tokens the depth
+    t = predict({"acceptance_rate": 0.5, "mean_gamma": 2, "drafted": 4, "t_draft": 0.04}, 100.0, {1: 100.0, 7: 300.0},
+                None, rounds=([2, 2], [2, 0], [6, 6]))
+    assert t["predicted_from_lengths"] == pytest.approx(4 / (2 * (2 * 0.1 + 3.0)))
 
 
 def test_bench_counts_every_method_the_same_way_and_renders_from_rows(folders):

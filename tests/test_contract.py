@@ -61,7 +61,8 @@ SETTINGS = {
            ("block", lambda ids, V: {}, "block")],
     "sd-tree": [("without_replacement", lambda ids, V: {"tree": "2x2"}),
                 ("iid", lambda ids, V: {"tree": "2x2", "children": "iid"}),
-                ("topk", lambda ids, V: {"children": "topk", "top_k": 2, "nodes": 5})],
+                ("topk", lambda ids, V: {"children": "topk", "top_k": 2, "nodes": 5}),
+                ("traversal", lambda ids, V: {"tree": "2x2"}, "traversal")],
 }
 
 

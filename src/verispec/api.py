@@ -86,7 +86,8 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
     policy: a DraftPolicy or a policy name from `verispec.registry.POLICIES`; extra keyword options go to the
     method or the policy by the options each record lists (an option neither takes is an error).
     verifier: a verifier object or a name from `verispec.registry.VERIFIERS` ("rejection", the default, or
-    "block"); it decides chains, token trees always take the multi-step tree rule.
+    "block", "traversal"); rejection and block send token trees to the multi-step tree rule, traversal verifies
+    them leaf to root.
     backend / drafter_backend: how models that verispec loads by name run (see verispec.load_model). The target's
     backend must be one that can serve a target (`verispec.backends`: not the lossy drafter backends).
     """

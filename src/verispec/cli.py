@@ -206,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"with a drafter, else ar; `verispec methods` lists them with their options)")
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per verify round (default 4)")
     g.add_argument("--policy", default="fixed", help=f"draft-length policy: {_names(POLICIES)}")
-    g.add_argument("--verifier", help=f"chain verifier: {_names(VERIFIERS)} (default rejection; trees always take "
-                                      "the multi-step tree rule)")
+    g.add_argument("--verifier", help=f"verifier: {_names(VERIFIERS)} (default rejection)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method or policy option, repeatable (e.g. --option max_n=3 --option gamma_max=8)")
     g.add_argument("--max-new-tokens", type=int, default=128)

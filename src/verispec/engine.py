@@ -51,8 +51,10 @@ def decode(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, pr
             drafter.observe(draft, logits[len(draft.tokens) + 1:])  # (S, V)
         drafter.commit(tokens, draft, result)
         policy.update(draft, result)
+        t3 = time.perf_counter()
+        policy.observe_costs(draft, t1 - t0, t2 - t1, t3 - t2)  # measured costs, for the next rounds' choices
         stats.steps.append(StepStats(len(draft), result.accepted, result.kind, len(new), t1 - t0, t2 - t1,
-                                     time.perf_counter() - t2, draft.source, policy.record()))
+                                     t3 - t2, draft.source, policy.record(), nodes=len(draft.tokens)))
         if hit is not None:
             stop_reason = "stop_token"
             break

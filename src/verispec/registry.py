@@ -117,12 +117,18 @@ POLICIES: dict[str, Policy] = {p.name: p for p in [
     Policy("adaedl", "verispec.policies.adaedl:AdaEDL", "stop when an entropy bound on acceptance drops",
            ("gamma_max", "lam", "eps", "margin", "ema", "eps_min", "eps_max"), "gamma_max",
            "Agrawal et al. 2024"),
+    Policy("cost", "verispec.policies.cost:CostAware",
+           "cost-aware: the length maximising expected tokens / s from measured T(k), draft cost and per-position "
+           "acceptance (estimate=entropy: a calibrated EGAG, acceptance from the drafter's entropy by an online fit)",
+           ("gamma_max", "estimate", "alpha", "prior_weight", "decay", "c", "slope", "verify_cost", "draft_cost"),
+           "gamma_max", "Leviathan et al. 2023 (Sec. 3.4), measured"),
 ]}
 
 
 @dataclass(frozen=True)
 class VerifierRecord:
-    """One verification rule for chains (token trees always use the multi-step tree rule)."""
+    """One verification rule (rejection and block send token trees to the multi-step tree rule; traversal verifies
+    trees itself)."""
 
     name: str
     build: str
@@ -140,6 +146,9 @@ VERIFIERS: dict[str, VerifierRecord] = {v.name: v for v in [
     VerifierRecord("block", "verispec.verifiers.block:BlockVerifier",
                    "block verification: how much of the chain to keep is decided jointly (never fewer tokens)",
                    "Sun et al. 2025"),
+    VerifierRecord("traversal", "verispec.verifiers.traversal:TraversalVerifier",
+                   "traversal verification: token trees decided leaf to root as whole sequences (block verification "
+                   "on a chain)", "Weng et al. 2025"),
 ]}
 
 
@@ -186,7 +195,7 @@ def describe() -> str:
     lines += ["", "| policy | what it does | options (`--gamma` seeds) |", "|---|---|---|"]
     for p in POLICIES.values():
         lines.append(f"| `{p.name}` | {p.summary} | {', '.join(p.options)} ({p.gamma_option}) |")
-    lines += ["", "| verifier (`verifier=`) | rule for chains | reference |", "|---|---|---|"]
+    lines += ["", "| verifier (`verifier=`) | rule | reference |", "|---|---|---|"]
     for v in VERIFIERS.values():
         lines.append(f"| `{v.name}` | {v.summary} | {v.paper} |")
     return "\n".join(lines)

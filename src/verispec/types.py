@@ -94,6 +94,7 @@ class StepStats:
     t_other: float
     source: str = ""
     extra: dict = field(default_factory=dict)  # policy-specific records (e.g. entropy)
+    nodes: int = 0  # draft tokens the target scored (a chain: drafted; a tree: its node count)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from verispec.types import GenerationStats
 
 def steps_log(stats: GenerationStats) -> dict:
     return {"d": [s.drafted for s in stats.steps], "a": [s.accepted for s in stats.steps],
+            "n": [s.nodes for s in stats.steps],
             "k": "".join("r" if s.kind == "recovered" else "b" for s in stats.steps),
             "src": [s.source for s in stats.steps] if any(s.source for s in stats.steps) else None,
             "extra": [s.extra for s in stats.steps] if any(s.extra for s in stats.steps) else None}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from verispec.bench.costmodel import predict, verify_ratio
+from verispec.bench.costmodel import conditional_acceptance, predict, verify_ratio
 from verispec.bench.metrics import aggregate
 from verispec.registry import METHODS
 
@@ -47,7 +47,11 @@ def summarize(config: dict, rows: list[dict], cost: dict | None) -> dict:
             agg = aggregate(mr, ar_rows, params if not mr[0].get("peer") else {"target": params["target"]})
             agg["peer"] = bool(mr[0].get("peer"))
             agg["backend"] = mr[0].get("backend")  # the target backend it ran on (peers: plain "torch" unless asked)
-            agg.update(predict(agg, t1, curve, cost.get("size_ratio") if uses_draft_model(m) else 0.0))
+            logged = [r["steps"] for r in mr if r.get("steps")]
+            rounds = ([x for s in logged for x in s["d"]], [x for s in logged for x in s["a"]],
+                      [x for s in logged for x in (s.get("n") or s["d"])]) if logged else None
+            agg.update(predict(agg, t1, curve, cost.get("size_ratio") if uses_draft_model(m) else 0.0, rounds))
+            agg["conditional_acceptance"] = conditional_acceptance(*rounds[:2]) if rounds else None
             table[m] = agg
         out[g] = table
     greedy = config["sampling"]["temperature"] == 0
@@ -133,17 +137,31 @@ def markdown(s: dict) -> str:
                   f" (c = {v / t1:.3f})" for b, v in drafter_t1.items()) + "." +
               (" Drafter times are of the forward drafting runs (the lean one for Qwen2 / Llama drafters, "
                "`verispec.rewrites.lean`)." if drafter_t1 else ""), "",
-              "Predicted = (1 − α^(γ+1)) / ((1 − α)(γc + T(γ+1)/T(1))) from each method's measured α̂, mean γ and "
-              "measured draft cost c (draft seconds per drafted token / T(1)). **Projected** = the same formula for a "
-              "memory-bound accelerator (T(γ+1)/T(1) = 1, c = drafter/target parameter ratio): a projection, not a "
-              "measurement.", "",
-              "| method | measured speedup | predicted (this machine) | c measured | projected (accelerator) |",
-              "|---|---|---|---|---|"]
+              "Three predictions for this machine, each from the run's measured draft cost c (draft seconds per "
+              "drafted position / T(1)) and T(k): **i.i.d.** = (1 − α^(γ+1)) / ((1 − α)(γc + T(γ+1)/T(1))) from "
+              "one α̂ and the mean γ; **per-position** = Σ E(d_r) / Σ (d_r·c + T(n_r+1)/T(1)) over the rounds, "
+              "E(d) = 1 + Σ_{i≤d} Π_{j≤i} β_j with β_i = P(draft i kept | 1..i−1 kept) measured; **accepted-length** "
+              "= Σ (a_r + 1) / the same costs (`verispec.bench.costmodel`). None counts the per-round overhead outside "
+              "drafting and T(k). **Projected** = the i.i.d. formula for a memory-bound accelerator (T(γ+1)/T(1) = 1, "
+              "c = drafter/target parameter ratio): a projection, not a measurement.", "",
+              "| method | measured speedup | i.i.d. | per-position | accepted-length | β by position | c measured | "
+              "projected (accelerator) |", "|---|---|---|---|---|---|---|---|"]
+        errs: dict[str, list[float]] = {"i.i.d.": [], "per-position": [], "accepted-length": []}
         for m, r in s["groups"]["overall"].items():
             if m == "ar" or r["peer"]:
                 continue
-            L.append(f"| {m} | {_f(r['speedup'])}x | {_f(r['predicted'], '.2f', 'x')} | {_f(r['c_measured'], '.3f')} | "
-                     f"{_f(r['projected'], '.2f', 'x')} (projection) |")
+            beta = ", ".join(_f(b) for b in (r.get("conditional_acceptance") or [])[:6])
+            L.append(f"| {m} | {_f(r['speedup'])}x | {_f(r['predicted'], '.2f', 'x')} | "
+                     f"{_f(r.get('predicted_by_position'), '.2f', 'x')} | "
+                     f"{_f(r.get('predicted_from_lengths'), '.2f', 'x')} | {beta or '—'} | "
+                     f"{_f(r['c_measured'], '.3f')} | {_f(r['projected'], '.2f', 'x')} (projection) |")
+            for k, key in (("i.i.d.", "predicted"), ("per-position", "predicted_by_position"),
+                           ("accepted-length", "predicted_from_lengths")):
+                if r.get(key) is not None and r["speedup"]:
+                    errs[k].append(abs(r[key] / r["speedup"] - 1))
+        if any(errs.values()):
+            L += ["", "Mean |predicted / measured − 1| over these methods: " + "; ".join(
+                f"{k} {sum(v) / len(v):.0%}" for k, v in errs.items() if v) + "."]
     inv = cost.get("invariance")
     if inv:
         L += ["", "## Batch invariance of the target", "",

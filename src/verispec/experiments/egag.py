@@ -2,7 +2,8 @@
 
 Every condition is one `verispec bench` run (same prompts, interleaved methods, warm-up, AR baseline in the same
 run), so numbers are comparable inside a condition. Parts:
-1. main table: AR, SD with fixed γ (several), NASD, EGAG and the other policies;
+1. main table: AR, SD with fixed γ (several), NASD, EGAG and the other policies, the cost-aware controller and its
+   calibrated-entropy form (`verispec.policies.cost`);
 2. γ_max sweep: fixed γ = g vs EGAG with γ_max = g;
 3. ablations: EMA on/off, temperature-consistent entropy on/off, per-block vs per-token, bounds (γ_min);
 4. conditions: greedy and sampling (T = 0.7 and 1.0) — sampling runs the main methods only, to bound runtime;
@@ -19,13 +20,15 @@ from verispec.bench.report import _f
 from verispec.sampling import Sampling
 
 MAIN = ["sd:gamma=2", "sd:gamma=4", "sd:gamma=6", "nasd", "sd:policy=egag:gamma_max=8", "sd:policy=heuristic",
-        "sd:policy=confidence:gamma_max=8", "sd:policy=adaedl:gamma_max=8"]
+        "sd:policy=confidence:gamma_max=8", "sd:policy=adaedl:gamma_max=8", "sd:policy=cost:gamma_max=8",
+        "sd:policy=cost:gamma_max=8:estimate=entropy"]
 SWEEP = [4, 8, 12]
 ABLATIONS = {"EMA 0.5": "sd:policy=egag:gamma_max=8:ema=0.5",
              "entropy at T=1 (not temperature-consistent)": "sd:policy=egag:gamma_max=8:consistent=false",
              "per-token (threshold 0.2)": "sd:policy=egag:gamma_max=8:mode=token:threshold=0.2",
              "bounds γ_min=2": "sd:policy=egag:gamma_max=8:gamma_min=2"}
 EGAG_MAIN = "sd:policy=egag:gamma_max=8"
+COST, CALIBRATED = "sd:policy=cost:gamma_max=8", "sd:policy=cost:gamma_max=8:estimate=entropy"
 
 
 def methods_for(condition: str) -> list[str]:
@@ -102,6 +105,10 @@ def report(result: dict, out: Path) -> str:
             d = t[EGAG_MAIN]["speedup"] / t[best]["speedup"] - 1
             L += ["", f"EGAG (γ_max = 8) vs the best fixed γ in this condition ({best}): "
                       f"{t[EGAG_MAIN]['speedup']:.2f}x vs {t[best]['speedup']:.2f}x, {'+' if d >= 0 else ''}{d:.1%}."]
+            for label, m in (("cost-aware controller", COST), ("calibrated-entropy controller", CALIBRATED)):
+                if m in t:
+                    L.append(f"The {label} vs the best fixed γ: {t[m]['speedup'] / t[best]['speedup']:.3f}x; vs "
+                             f"EGAG as the seed defines it: {t[m]['speedup'] / t[EGAG_MAIN]['speedup']:.3f}x.")
     g = conds.get("greedy")
     if g:
         t = g["groups"]["overall"]

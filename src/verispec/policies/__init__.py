@@ -3,6 +3,7 @@
 from verispec.policies.adaedl import AdaEDL
 from verispec.policies.base import DraftPolicy
 from verispec.policies.confidence import Confidence
+from verispec.policies.cost import CostAware
 from verispec.policies.egag import EGAG
 from verispec.policies.fixed import FixedGamma
 from verispec.policies.heuristic import Heuristic
@@ -20,4 +21,4 @@ def make_policy(name: str, **options) -> DraftPolicy:
     return rec.load()(**options)
 
 
-__all__ = ["DraftPolicy", "FixedGamma", "EGAG", "Heuristic", "Confidence", "AdaEDL", "make_policy"]
+__all__ = ["DraftPolicy", "FixedGamma", "EGAG", "Heuristic", "Confidence", "AdaEDL", "CostAware", "make_policy"]

@@ -16,6 +16,7 @@ class DraftPolicy:
     keep_drafting(i, q_i, logits_i): called after draft token i was sampled from q_i (the sampling distribution;
         None for deterministic drafters) with the drafter's raw logits_i when it has them; return False to stop.
     update(draft, result): learn from the outcome of a round.
+    observe_costs(draft, t_draft, t_verify, t_other): the round's measured wall times (for cost-aware policies).
     record(): a small dict stored in this round's step statistics.
     A policy only changes how many tokens are drafted, never which distribution they come from, so every policy
     leaves the output distribution exactly the target's.
@@ -34,6 +35,9 @@ class DraftPolicy:
 
     def update(self, draft: Draft, result: VerifyResult) -> None:
         pass
+
+    def observe_costs(self, draft: Draft, t_draft: float, t_verify: float, t_other: float) -> None:
+        """The round's measured seconds (drafting; target forward + verification; the rest), after update()."""
 
     def record(self) -> dict:
         return {}
