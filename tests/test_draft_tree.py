@@ -14,6 +14,7 @@ from verispec.drafters.draft_tree import DraftTreeDrafter, parse_widths
 from verispec.policies import FixedGamma
 from verispec.sampling import Sampling
 from tests.conftest import tiny_llama
+from tests.test_tree import claim_without_replacement
 from tests.law import chi2_pvalue, draw, exact_law, job_for, min_detectable_tv, pooled_cells
 
 V = 6
@@ -119,6 +120,18 @@ def test_topk_tree_is_connected_distinct_and_within_nodes(models, gamma, top_k, 
     assert root == logits.topk(len(root)).indices.tolist()
 
 
+def test_each_level_costs_one_forward_over_its_own_nodes(models):
+    """Depth 3: the root's chain forward, then one tree forward per level feeding only that level's nodes (the last
+    level is never fed: its nodes are leaves)."""
+    d = DraftTreeDrafter(models[1], V, tree="2x2x2")
+    draft = grow(d, 3)
+    depths = draft.depths()
+    # the pending token (twice: the root's chain forward, then the first tree forward, which scores it again), then
+    # levels 1 and 2
+    fed = 2 + sum(1 for x in depths if x < 3)
+    assert d.forwards == 3 and d.tokens_processed == len(PROMPT) - 1 + fed
+
+
 def test_greedy_always_grows_a_topk_tree(models):
     draft = grow(DraftTreeDrafter(models[1], V, tree="3x2"), 3, sampling=Sampling(temperature=0.0))
     assert draft.q is None and len(draft) == 3
@@ -146,14 +159,8 @@ class IidReportedAsWithoutReplacement(DraftTreeDrafter):
         super().__init__(*a, children="without_replacement", **k)
 
         def lie(q, k, generator):
-            xs, _ = SCHEMES["iid"](q, k, generator)
-            out, q_j = [], q
-            for x in xs:
-                out.append(q_j)
-                q_j = q_j.clone()
-                q_j[x] = 0.0
-                q_j = q_j / q_j.sum() if q_j.sum() > 0 else q_j
-            return xs, out
+            xs, qs = SCHEMES["iid"](q, k, generator)
+            return xs, claim_without_replacement(xs, qs)
         self.draw_children = lie
 
 

@@ -405,14 +405,7 @@ def test_a_recovered_token_without_the_residual_is_detected():
 
 
 def test_iid_children_reported_as_drawn_without_replacement_are_detected():
-    def claim_without_replacement(xs, qs):
-        out, q = [], qs[0]
-        for x in xs:
-            out.append(q)
-            q = q.clone()
-            q[x] = 0.0
-            q = q / q.sum()
-        return out
+    from tests.test_tree import claim_without_replacement
 
     t = Tables(1)  # total variation of the broken law from the target's, by enumeration: 0.16
     counts, _ = rounds(TraversalVerifier().verify, t, "iid", 3000, seed=5, report=claim_without_replacement)

@@ -86,6 +86,36 @@ def test_cache_after_a_tree_round_equals_a_fresh_one(model, committed_nodes, ext
         assert torch.allclose(out[j], fresh_logits(model, nxt[:len(nxt) - 2 + j]), atol=1e-5)
 
 
+@pytest.mark.parametrize("committed_nodes", [[], [1, 5, 6], [0, 2, 4]])
+def test_a_tree_grown_level_by_level_equals_one_tree_forward(model, committed_nodes):
+    """extend_tree (a drafter feeding one level at a time): each new node's logits equal a fresh forward of prefix +
+    its ancestors + itself, and after the round's rollback the cache equals a fresh one."""
+    lm = CachedLM(model)
+    lm.reset()
+    lm.prefill(PREFIX[:-1])
+    depths = Draft(TREE_TOKENS, None, "t", parents=TREE_PARENTS).depths()
+    levels = [[i for i, d in enumerate(depths) if d == k] for k in (1, 2, 3)]  # nodes 0,1 | 2,3,5 | 4,6
+    order = [i for lv in levels for i in lv]  # parents before children, level by level
+    new = {old: j for j, old in enumerate(order)}
+    toks = [TREE_TOKENS[i] for i in order]
+    pars = [-1 if TREE_PARENTS[i] < 0 else new[TREE_PARENTS[i]] for i in order]
+    first = len(levels[0])
+    rows = list(lm.score(PREFIX, Draft(toks[:first], None, "t", parents=pars[:first]))[1:])
+    at = first
+    for lv in levels[1:]:
+        rows += list(lm.extend_tree(toks[at:at + len(lv)], pars[at:at + len(lv)]))
+        at += len(lv)
+    assert lm.forwards == 4 and lm.tokens_processed == len(PREFIX) + len(toks)  # prefill, then each node once
+    for j in range(len(toks)):
+        assert torch.allclose(rows[j], fresh_logits(model, PREFIX + chain_of(j, toks, pars)), atol=1e-5), j
+    committed = PREFIX + [TREE_TOKENS[i] for i in committed_nodes] + [55]
+    assert lm.rollback(committed) == len(PREFIX) + len(committed_nodes)
+    out = lm.forward(committed + [21], n_logits=2)  # (2, V)
+    assert torch.allclose(out[1], fresh_logits(model, committed + [21]), atol=1e-5)
+    with pytest.raises(ValueError, match="previous score"):
+        lm.extend_tree([1], [-1])
+
+
 def test_side_node_on_the_committed_path_is_kept(model):
     """A side node whose ancestors are all committed holds valid KV entries too (Lookahead's level 0)."""
     lm = CachedLM(model)
@@ -193,17 +223,21 @@ def test_sampled_children_follow_the_target(k):
     assert kept["without_replacement"] > kept["iid"] * 1.02
 
 
+def claim_without_replacement(xs: list[int], qs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What a without-replacement drafter would report for children xs drawn from qs[0]: for child j, qs[0] with the
+    earlier siblings removed and renormalised (a broken drafter's claim when xs were drawn i.i.d.)."""
+    out, q = [], qs[0]
+    for x in xs:
+        out.append(q)
+        q = q.clone()
+        q[x] = 0.0
+        q = q / q.sum() if q.sum() > 0 else q
+    return out
+
+
 def test_iid_draws_reported_as_drawn_without_replacement_are_detected():
     """Drawing with replacement under the without-replacement rule: the drafter draws i.i.d. but reports for child j
     q with the earlier siblings removed and renormalised, as a without-replacement drafter would."""
-    def claim_without_replacement(xs, qs):
-        out, q = [], qs[0]
-        for x in xs:
-            out.append(q)
-            q = q.clone()
-            q[x] = 0.0
-            q = q / q.sum()
-        return out
     counts, _ = node_round_counts(SCHEMES["iid"], 3, 5000, seed=9, report=claim_without_replacement)
     assert chi2_pvalue(counts, P_NODE.double().numpy()) < 1e-6
 

@@ -144,6 +144,42 @@ class CachedLM:
         self.tokens_processed += Q
         return self._fit_vocab(out.logits[0])  # (1 + K + S, V)
 
+    @torch.inference_mode()
+    def extend_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
+        """Add nodes to the tree of the last `score` (or `extend_tree`) and return their logits: (len(tokens), V).
+
+        parents index the tree so far plus these nodes (-1 = the pending token); each new node sees the cached
+        prefix and its ancestors, so its logits equal those of one `score` over the whole tree, and only the new
+        nodes are fed (a drafter growing a tree level by level)."""
+        if self.tree is None:
+            raise ValueError("extend_tree needs the tree of a previous score() in the cache")
+        old_nodes, old_parents = self.tree
+        nodes, allp = old_nodes + list(tokens), old_parents + list(parents)
+        base, n_old, n = len(self.ids), len(old_nodes), len(tokens)
+        depth: list[int] = []
+        for i, a in enumerate(allp):
+            if not -1 <= a < i:
+                raise ValueError(f"tree node {i} has parent {a}; parents must come before their children")
+            depth.append(1 if a < 0 else depth[a] + 1)
+        allowed = torch.zeros(n, base + n_old + n, dtype=torch.bool)  # (n, KV) True = may attend
+        allowed[:, :base] = True
+        for j in range(n):
+            i = n_old + j
+            while i >= 0:  # the node itself and its ancestors
+                allowed[j, base + i] = True
+                i = allp[i]
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(1, 1, n, base + n_old + n, dtype=dtype, device=self.device)  # (1, 1, n, KV) additive
+        mask.masked_fill_(~allowed.to(self.device), torch.finfo(dtype).min)
+        pos = [base - 1 + depth[n_old + j] for j in range(n)]
+        out = self.model(input_ids=torch.tensor([list(tokens)], dtype=torch.long, device=self.device),
+                         position_ids=torch.tensor([pos], dtype=torch.long, device=self.device), attention_mask=mask,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=n)
+        self.tree = (nodes, allp)
+        self.forwards += 1
+        self.tokens_processed += n
+        return self._fit_vocab(out.logits[0])  # (n, V)
+
     def _settle_tree(self, tokens: Sequence[int]) -> None:
         """Keep the KV entries of the tree path that matches `tokens` after ids; drop every other node. (If ids
         itself disagrees with `tokens`, the prefix crop that follows in rollback drops the kept path too.)"""

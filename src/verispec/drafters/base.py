@@ -36,6 +36,29 @@ class Drafter:
         """Called after the round with the committed tokens (prompt + all output so far)."""
 
 
+class ModelDrafter(Drafter):
+    """A drafter that runs a draft model through `self.lm` (a CachedLM): its forward counters, prefill and the
+    cache rollback after each round (the KV entries of rejected drafts, or of a tree's other nodes, are dropped)."""
+
+    lm = None
+
+    @property
+    def forwards(self) -> int:
+        return self.lm.forwards - self.prefill_forwards
+
+    @property
+    def tokens_processed(self) -> int:
+        return self.lm.tokens_processed
+
+    def prefill(self, tokens):
+        self.lm.reset()
+        self.lm.prefill(tokens[:-1])
+        self.prefill_forwards = self.lm.forwards
+
+    def commit(self, tokens, draft, result):
+        self.lm.rollback(tokens)
+
+
 Step = tuple[int, "torch.Tensor | None", "torch.Tensor | None"]  # (token, q it was sampled from, raw logits)
 
 

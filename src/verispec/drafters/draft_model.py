@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 
 from verispec.cache import CachedLM
-from verispec.drafters.base import Drafter, bounded_chain
+from verispec.drafters.base import ModelDrafter, bounded_chain
 from verispec.sampling import sample
 from verispec.types import Draft
 from verispec.validate import check_int
 
 
-class DraftModelDrafter(Drafter):
+class DraftModelDrafter(ModelDrafter):
     name = "draft_model"
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, stop_ids: frozenset[int] = frozenset(),
@@ -32,19 +32,6 @@ class DraftModelDrafter(Drafter):
     @classmethod
     def from_ctx(cls, ctx) -> "DraftModelDrafter":
         return cls(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids, head=head_for(ctx, **ctx.options))
-
-    @property
-    def forwards(self) -> int:
-        return self.lm.forwards - self.prefill_forwards
-
-    @property
-    def tokens_processed(self) -> int:
-        return self.lm.tokens_processed
-
-    def prefill(self, tokens):
-        self.lm.reset()
-        self.lm.prefill(tokens[:-1])
-        self.prefill_forwards = self.lm.forwards
 
     def propose(self, tokens, gamma, policy, sampling, generator) -> Draft:
         def steps():
@@ -58,8 +45,6 @@ class DraftModelDrafter(Drafter):
         x, qs = bounded_chain(steps(), gamma, policy, self.stop_ids)
         return Draft(x, torch.stack(qs) if qs else None, self.name)  # q: (K, V)
 
-    def commit(self, tokens, draft, result):
-        self.lm.rollback(tokens)  # drop the rejected drafts' KV entries now
 
 
 def head_for(ctx, draft_vocab: int = 0, vocab_corpus=None) -> torch.nn.Module | None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from verispec.cache import CachedLM
-from verispec.drafters.base import Drafter
+from verispec.drafters.base import ModelDrafter
 from verispec.drafters.children import SCHEMES
 from verispec.types import Draft
 from verispec.validate import check_int
@@ -47,7 +47,7 @@ def parse_widths(tree) -> tuple[int, ...]:
     return widths
 
 
-class DraftTreeDrafter(Drafter):
+class DraftTreeDrafter(ModelDrafter):
     name = "draft_tree"
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, stop_ids: frozenset[int] = frozenset(),
@@ -66,28 +66,21 @@ class DraftTreeDrafter(Drafter):
     def from_ctx(cls, ctx) -> "DraftTreeDrafter":
         return cls(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids, **ctx.options)
 
-    @property
-    def forwards(self) -> int:
-        return self.lm.forwards - self.prefill_forwards
-
-    @property
-    def tokens_processed(self) -> int:
-        return self.lm.tokens_processed
-
-    def prefill(self, tokens):
-        self.lm.reset()
-        self.lm.prefill(tokens[:-1])
-        self.prefill_forwards = self.lm.forwards
-
-    def commit(self, tokens, draft, result):
-        self.lm.rollback(tokens)  # keep the accepted path's KV entries, drop the rest of the tree
 
     def logits_at(self, tokens: list[int], nodes: list[int], parents: list[int], frontier: list[int]) -> torch.Tensor:
-        """The drafter's logits at each frontier node (-1 = the pending token). (F, V)"""
+        """The drafter's logits at each frontier node (-1 = the pending token). (F, V)
+
+        Level by level: the root is a chain forward, the first level one tree forward, and every later level feeds
+        only its own nodes (the tree so far stays in the drafter's cache until the round's rollback)."""
         if frontier == [-1]:
+            self._fed = 0
             return self.lm.forward(tokens, n_logits=1)  # (1, V)
-        rows = self.lm.score(tokens, Draft(list(nodes), None, self.name, parents=list(parents)))  # (1 + N, V)
-        return rows[[f + 1 for f in frontier]]  # (F, V)
+        if self._fed == 0:
+            rows = self.lm.score(tokens, Draft(list(nodes), None, self.name, parents=list(parents)))[1:]  # (N, V)
+        else:
+            rows = self.lm.extend_tree(nodes[self._fed:], parents[self._fed:])  # (N − fed, V)
+        fed, self._fed = self._fed, len(nodes)
+        return rows[[f - fed for f in frontier]]  # (F, V): the frontier is always the newest level
 
     def propose(self, tokens, gamma, policy, sampling, generator) -> Draft:
         if gamma <= 0:
