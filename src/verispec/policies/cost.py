@@ -84,7 +84,7 @@ class CostAware(DraftPolicy):
         # learned state persists across generations of one policy object; start() resets only the round's state
         self.pos = Decayed(self.decay, 2 * self.gamma_max)  # [tested_1, kept_1, tested_2, kept_2, ...]
         self.bins = Decayed(self.decay, 2 * (len(H_EDGES) + 1))
-        self.times = Decayed(self.decay, 7)  # Σw, Σw·n, Σw·n², Σw·t_v, Σw·n·t_v, Σt_draft, Σd (+ other below)
+        self.times = Decayed(self.decay, 7)  # Σ1, Σn, Σn², Σt_verify, Σn·t_verify, Σt_draft, Σd
         self.other = Decayed(self.decay, 2)  # Σ t_other, rounds
         self.nodes_at = {}  # depth -> decayed (Σ nodes, rounds): what a tree of that depth costs to score
 
