@@ -112,15 +112,12 @@ class CostAware(DraftPolicy):
     def t_verify(self, n: int) -> float:
         """T(n + 1) in seconds (or in units of T(1) before anything was timed)."""
         k = n + 1
-        if self.curve is not None:
+        if self.curve is not None:  # linear between measured points, extended past the last two
             ks = sorted(self.curve)
-            lo = max((x for x in ks if x <= k), default=ks[0])
-            hi = min((x for x in ks if x >= k), default=ks[-1])
-            t = self.curve[lo] if lo == hi else self.curve[lo] + (self.curve[hi] - self.curve[lo]) * (k - lo) / (hi - lo)
-            if k > ks[-1] and len(ks) > 1:
-                a, b = ks[-2], ks[-1]
-                t = self.curve[b] + (self.curve[b] - self.curve[a]) / (b - a) * (k - b)
-            return t / 1e3
+            if k in self.curve or len(ks) == 1:
+                return self.curve.get(k, self.curve[ks[-1]]) / 1e3
+            a, b = (ks[-2], ks[-1]) if k > ks[-1] else (max(x for x in ks if x < k), min(x for x in ks if x > k))
+            return (self.curve[a] + (self.curve[b] - self.curve[a]) * (k - a) / (b - a)) / 1e3
         W, Sn, Snn, St, Snt = self.times.s[:5]
         if W == 0:
             return 1.0 + self.slope0 * n
