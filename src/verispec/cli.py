@@ -127,7 +127,8 @@ def cmd_bench(a) -> int:
                         _sampling(a), a.out, seed=a.seed, warmup=not a.no_warmup, repeats=a.repeats,
                         cost_model=not a.no_cost_model, resume=a.resume, backend=a.backend,
                         drafter_backend=a.drafter_backend,
-                        compare_backends=tuple(b for b in a.compare_backends.split(",") if b))
+                        compare_backends=tuple(b for b in a.compare_backends.split(",") if b),
+                        execute=not a.no_exec)
     print((Path(a.out) / "report.md").read_text())
     print(f"written: {a.out}/report.md, summary.json, prompts.jsonl, plots/")
     return 3 if summary["lossless_violations"] else 0
@@ -240,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resume", action="store_true", help="keep finished rows of the same configuration in --out")
     b.add_argument("--no-warmup", action="store_true")
     b.add_argument("--no-cost-model", action="store_true", help="skip measuring the T(k) curve")
+    b.add_argument("--no-exec", action="store_true",
+                   help="do not run generated code: HumanEval pass@1 runs each code completion with its tests in "
+                        "a fresh `python -I` in a temp dir, with a timeout and no network where `unshare` allows; "
+                        "not a sandbox")
     _add_sampling(b)
     b.set_defaults(func=cmd_bench)
 

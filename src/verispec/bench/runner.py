@@ -101,6 +101,7 @@ class BenchPlan:
     backend: str
     drafter_backends: list[str]  # the run's default first, then any a method names (sd:drafter_backend=B)
     compare_backends: tuple[str, ...] = ()
+    execute: bool = True  # run code prompts' completions against their tests (HumanEval pass@1), untimed
 
     @property
     def default_drafter_backend(self) -> str:
@@ -127,7 +128,7 @@ def plan(target: str, drafter: str | None, methods: str | list[MethodSpec], data
          num_prompts: int | None = 5, max_new_tokens: int = 64, gamma: int = 4, sampling: Sampling | None = None,
          out_dir: str | Path = "runs/bench", seed: int = 0, warmup: bool = True, repeats: int = 1,
          cost_model: bool = True, resume: bool = False, backend: str = "auto", drafter_backend: str | None = None,
-         compare_backends: tuple[str, ...] = ()) -> BenchPlan:
+         compare_backends: tuple[str, ...] = (), execute: bool = True) -> BenchPlan:
     sampling = sampling or Sampling()
     specs = parse_methods(methods) if isinstance(methods, str) else list(methods)
     if "ar" not in [s.label for s in specs]:
@@ -151,7 +152,7 @@ def plan(target: str, drafter: str | None, methods: str | list[MethodSpec], data
               "gamma": gamma, "sampling": asdict(sampling), "seed": seed, "warmup": warmup, "repeats": repeats,
               "backend": backend, "drafter_backend": default_db}
     return BenchPlan(target, drafter, specs, prompts, config, Path(out_dir), sampling, gamma, max_new_tokens,
-                     repeats, warmup, cost_model, resume, backend, wanted, tuple(compare_backends))
+                     repeats, warmup, cost_model, resume, backend, wanted, tuple(compare_backends), execute)
 
 
 def open_dir(p: BenchPlan) -> set[tuple]:
@@ -247,6 +248,11 @@ def run(p: BenchPlan, models: BenchModels, done: set[tuple], progress: bool = Tr
             row["loglik"] = loglik(tgt, prompt_ids, ids)
         if q.reference is not None and tgt.tokenizer is not None:
             row["bleu"] = bleu(tgt.tokenizer.decode(ids, skip_special_tokens=True), q.reference)
+        if p.execute and q.tests and q.entry_point and tgt.tokenizer is not None:  # pass@1, after the timing
+            from verispec.bench.quality import check_completion, completion_text
+
+            row.update(check_completion(q.text, completion_text(tgt.tokenizer, prompt_ids, ids), q.tests,
+                                        q.entry_point))
         with open(p.out / ROWS, "a") as f:
             f.write(json.dumps(row) + "\n")
     bar.close()
@@ -279,12 +285,12 @@ def run_bench(target: str, drafter: str | None, methods: str | list[MethodSpec],
               sampling: Sampling | None = None, out_dir: str | Path = "runs/bench", seed: int = 0,
               warmup: bool = True, repeats: int = 1, cost_model: bool = True, resume: bool = False,
               backend: str = "auto", drafter_backend: str | None = None, compare_backends: tuple[str, ...] = (),
-              progress: bool = True) -> dict:
+              progress: bool = True, execute: bool = True) -> dict:
     """plan -> open_dir -> load -> warm_up -> run -> measure -> report; returns the summary."""
     from verispec.bench.report import render
 
     p = plan(target, drafter, methods, dataset, num_prompts, max_new_tokens, gamma, sampling, out_dir, seed, warmup,
-             repeats, cost_model, resume, backend, drafter_backend, compare_backends)
+             repeats, cost_model, resume, backend, drafter_backend, compare_backends, execute)
     done = open_dir(p)
     models = load(p)
     warm_up(p, models)
