@@ -20,6 +20,9 @@ from transformers import DynamicCache
 
 from verispec.types import Draft
 
+# Attention implementations that read a custom 4D mask (the native backend's per-row kernel among them).
+MASK_AWARE = ("sdpa", "eager", "verispec_native")
+
 
 def output_width(model: torch.nn.Module) -> int:
     """Rows of the output layer (any module with `out_features`, e.g. nn.Linear or a backend's packed linear)."""
@@ -134,7 +137,7 @@ class CachedLM:
         pos = list(range(keep, keep + m)) + [keep + m - 1 + d for d in depths]
         position_ids = torch.tensor([pos], dtype=torch.long, device=self.device)  # (1, Q)
         input_ids = torch.tensor([chain + nodes], dtype=torch.long, device=self.device)  # (1, Q)
-        if self.model.config._attn_implementation not in ("sdpa", "eager"):
+        if self.model.config._attn_implementation not in MASK_AWARE:
             self.model.set_attn_implementation("sdpa")  # kernels that ignore a custom 4D mask would be wrong here
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=n + 1)

@@ -7,11 +7,19 @@ concrete record for the machine at hand. The layer kernels live in `verispec.ker
 projections, the lean drafter forward) in `verispec.rewrites`, memory helpers in `verispec.backends.memory`, and the
 T(k) measurement in `verispec.bench.measure`; this module only chooses and applies.
 
+- "gguf":       the model's GGUF file's own blocks (Q4_K, Q6_K, Q8_0, Q5_0, Q4_1, Q4_0), multiplied with integer
+                kernels, and every per-row operation (norms, SiLU, attention, rotary) computed per row in a fixed
+                order: a position's logits are bit-identical whatever else shares the forward (batch-invariant by
+                construction; `verispec.backends.native`). A registry model is built straight from its file
+                (`verispec.models.gguf_native`, no fp32 copy); an in-process fp32 model is quantized to Q8_0
+                first (it is then the quantized model). May serve a target. Kernel paths: AVX-512 VNNI, AVX2,
+                generic C++, torch (`verispec.kernels.native`), all bit-identical.
 - "torch":      the model as transformers built it (torch defaults: MKL `F.linear`). Nothing is changed.
 - "fast":       every fp32 `nn.Linear` (attention and MLP projections and the output layer) becomes a `FastLinear`
                 that multiplies with a oneDNN pre-packed fp32 weight; the dense weight is dropped. fp32 sums in
                 another order. May serve a target.
-- "auto":       "fast" for a CPU model where oneDNN is available, else "torch".
+- "auto":       for a registry model loaded by name: "gguf" where its C++ kernels build here (else "fast"); for other
+                CPU models "fast" where oneDNN is available, else "torch".
 - "fast-bf16", "fast-int8", "fast-int4": reduced-precision weights (bf16; int8 weights and per-call int8
                 activations; 4-bit groups with an int8 copy for inputs of >= 4 rows). **Drafters only**: a drafter
                 changes speed and acceptance, never the output. They are refused as targets, because the proof of
@@ -52,6 +60,7 @@ from verispec.kernels.int8 import int8_available, is_int8_linear, quantize_int8
 from verispec.kernels.onednn import FORCE_FALLBACK_ENV, FastLinear, fallback_forced, onednn_available
 from verispec.kernels.q4kernel import q4_kernel
 from verispec.rewrites.fuse import fuse_projections
+from verispec.backends import native as _native
 
 __all__ = ["BACKENDS", "Backend", "ConvertOptions", "FORCE_FALLBACK_ENV", "FastLinear", "apply_backend",
            "backend_of", "check_target", "drafter_backend", "fallback_forced", "kernel_path", "native_bf16",
@@ -169,8 +178,14 @@ _LOSSY_TARGET = ("its logits at a position depend on the other rows of the forwa
                  "keep its own distribution; use 'auto', 'fast' or 'torch' for the target and this backend for the "
                  "drafter (--drafter-backend / drafter_backend=)")
 
+def _convert_native(module: nn.Module, opts: ConvertOptions) -> None:
+    _native.to_native(module)
+
+
 # Detection order: the most specific layer types first (an int4 model also holds fp32 FastLinear layers).
 BACKENDS: dict[str, Backend] = {b.name: b for b in [
+    Backend("gguf", "the GGUF file's own blocks, integer kernels, batch-invariant by construction",
+            convert=_convert_native, detect=_native.is_native, kernel=_native.describe),
     Backend("fast-int4", "4-bit group weights (drafters)", lossy=True, target=False,
             not_target_because=_LOSSY_TARGET.format("inputs of >= 4 rows take a separate int8 copy"),
             convert=_convert_int4, detect=lambda m: any(isinstance(x, Int4Linear) for x in m.modules()),

@@ -109,6 +109,8 @@ def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool =
         raise ModelNotFoundError(
             f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY)}) and not a local folder")
     resolve_backend(backend)  # an unknown name is refused before minutes of loading
+    if name in REGISTRY and native_for_file(backend):
+        return _load_native(name, path, tokenizer, extra)
     print(f"[verispec] loading {name}", file=sys.stderr, flush=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
@@ -123,6 +125,30 @@ def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool =
     out = LoadedModel(model, tokenizer, Path(name).name if name not in REGISTRY else name,
                       stop_ids_of(model, tokenizer, extra))
     return _apply(out, backend)
+
+
+def native_for_file(backend: str | None) -> bool:
+    """Whether a registry model loaded by name goes on the gguf backend: asked for, or "auto" where the native C++
+    kernels build and run here (the torch path alone is too slow to be a default)."""
+    if backend == "gguf":
+        return True
+    if backend not in (None, "auto") or resolve_backend(backend) == "torch":
+        return False
+    from verispec.kernels.native import native_path
+
+    return native_path() != "torch"
+
+
+def _load_native(name: str, path: Path, tokenizer, extra) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    from verispec.models.gguf_native import from_gguf
+    from verispec.models.store import gguf_file
+
+    model = from_gguf(gguf_file(name), path)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(model, tokenizer, name, stop_ids_of(model, tokenizer, extra))
 
 
 def _apply(m: LoadedModel, backend: str | None) -> LoadedModel:

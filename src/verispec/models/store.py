@@ -186,3 +186,15 @@ def pull(name: str, force: bool = False, keep_gguf: bool = True, progress=_log) 
         gguf.unlink(missing_ok=True)
     progress(f"{name}: ready in {hf_dir(name)}")
     return hf_dir(name)
+
+
+def gguf_file(name: str, progress=_log) -> Path:
+    """The assembled GGUF of `name` (pulled and converted first when needed; assembled again if it was removed or
+    has the wrong size — its sha256 is checked whenever it is assembled). The gguf backend reads it directly."""
+    spec = get_spec(name)
+    pull(name, progress=progress)
+    gguf = model_dir(name) / spec.gguf_name
+    if not gguf.is_file() or gguf.stat().st_size != spec.size:
+        gguf.unlink(missing_ok=True)
+        assemble_gguf(spec, gguf, progress)
+    return gguf

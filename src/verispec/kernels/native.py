@@ -1,0 +1,571 @@
+"""Native-precision kernels: multiply with a GGUF file's own blocks, and compute every other per-row operation of a
+decoder (RMSNorm, SiLU·up, attention) so that a row's result never depends on the other rows of the forward.
+
+Linear (`qmm`): the integer scheme of `verispec.kernels.ggml_blocks` — activations quantized per row and superblock
+to int8, integer dot products (`vpdpbusd` on AVX-512 VNNI; `vpmaddubsw` + `vpmaddwd` on AVX2; plain loops
+elsewhere), and per superblock one fixed sequence of fp32 operations, y += (D·dx)·A − ((Dm·mn_scale)·dx)·B, with
+no fused multiply-add (built with -ffp-contract=off). The integer sums are exact, and the fp32 sequence is the same
+for every row, every row count and every instruction set: the AVX-512, AVX2, generic C++ and torch paths give
+**bit-identical** outputs (tested), and a row's output is the same alone or among others (batch invariance by
+construction). `qmm_torch` is that computation in torch (float64 matmuls of integers, exact), for machines without
+a compiler.
+
+Per-row operations, each computed by one thread for one row in a fixed order:
+- `rmsnorm`: sum of squares in 16 interleaved partial sums, then the partials added in order; y = w·(x·(1/√(ms+ε))).
+- `silu_mul`: g / (1 + exp(−g)) · u with one exp polynomial (Cephes' expf) for every element.
+- `attention`: per (head, query row): the scores of the keys that row may see, in key order (masked keys are
+  skipped, not added as zeros), softmax with the same exp, and the weighted sum of values in key order. A node of a
+  token tree sees its ancestors in the same order as the same token's row in a chain, so its result is identical.
+Their torch fallbacks loop over rows (each row its own call on the keys it sees): invariant, slower, and not
+bit-identical to the C++ ones (different exp and summation order).
+
+Build: `torch.utils.cpp_extension.load_inline`, once per machine into `<verispec cache>/kernels/native_<variant>_<hash>`.
+Variants, tried in this order where the CPU's flags allow: "avx512_vnni" (-mavx512f/bw/vl/vnni, never
+-march=native: a VM may list instructions it refuses), "avx2", "generic" (no ISA flags). Each built variant must
+reproduce `qmm_torch` bit for bit on a self-test of every block type before it is used; otherwise the next one is
+tried, and "torch" always works. `VERISPEC_NATIVE_PATH=avx512_vnni|avx2|generic|torch` forces a path;
+`VERISPEC_NO_KERNEL_BUILD=1` skips building (torch path).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+
+import torch
+
+from verispec.home import cache_root
+from verispec.kernels.cpu import cpu_flags
+
+PATH_ENV = "VERISPEC_NATIVE_PATH"
+NO_BUILD_ENV = "VERISPEC_NO_KERNEL_BUILD"
+
+VARIANTS: dict[str, tuple[tuple[str, ...], list[str]]] = {  # name -> (CPU flags needed, compiler flags)
+    "avx512_vnni": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma", "avx2"),
+                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-mavx2"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+    "generic": ((), []),
+}
+BASE_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VS_PATH "avx512_vnni"
+#define VS_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define VS_PATH "avx2"
+#define VS_AVX2 1
+#else
+#define VS_PATH "generic"
+#endif
+
+std::string path() { return VS_PATH; }
+
+static inline float h2f(uint16_t h) {  // IEEE half -> float, exact
+  const uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+  uint32_t bits;
+  if (e == 0) {
+    if (m == 0) bits = s;
+    else { float f = std::ldexp((float)m, -24); std::memcpy(&bits, &f, 4); bits |= s; }
+  } else if (e == 31) bits = s | 0x7F800000u | (m << 13);
+  else bits = s | ((e + 112) << 23) | (m << 13);
+  float f; std::memcpy(&f, &bits, 4); return f;
+}
+
+// Per row r and superblock s of SB inputs: xq = round(x / dx) in int8, dx = max|x| / 127; xs = sum of xq per group.
+static void quantize_acts(const float* x, int64_t M, int64_t K, int64_t SB, int64_t GS,
+                          int8_t* xq, float* dx, int32_t* xs) {
+  const int64_t NS = K / SB, G = K / GS;
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t s = 0; s < NS; ++s) {
+      const float* v = x + r * K + s * SB;
+      float amax = 0.f;
+      for (int64_t j = 0; j < SB; ++j) amax = std::max(amax, std::fabs(v[j]));
+      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* o = xq + r * K + s * SB;
+      for (int64_t j = 0; j < SB; ++j) {
+        float t = std::nearbyint(v[j] * id);
+        o[j] = (int8_t)std::min(127.f, std::max(-127.f, t));
+      }
+      dx[r * NS + s] = d;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t t = 0;
+      for (int64_t j = 0; j < GS; ++j) t += xq[r * K + g * GS + j];
+      xs[r * G + g] = t;
+    }
+  }
+}
+
+// y (M, N) = x (M, K) times packed integer weights (see verispec.kernels.ggml_blocks.pack).
+torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Tensor mn, torch::Tensor D,
+                  torch::Tensor Dm, int64_t N, int64_t SB, int64_t GS, int64_t bits, double mn_scale_d,
+                  c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous (M, K) fp32");
+  const int64_t M = x.size(0), K = x.size(1), NB = q.size(0), G = K / GS, NS = K / SB, GPS = SB / GS;
+  const int64_t steps = GS / 4, qbytes = bits == 4 ? steps * 32 : steps * 64;
+  TORCH_CHECK(K % SB == 0 && q.size(1) == G && q.size(2) == qbytes, "weight layout does not match the input");
+  TORCH_CHECK(N <= NB * 16, "N");
+  const float mn_scale = (float)mn_scale_d;
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dx(M * NS);
+  std::vector<int32_t> xs(M * G);
+  quantize_acts(x.data_ptr<float>(), M, K, SB, GS, xq.data(), dx.data(), xs.data());
+  const uint8_t* Q = q.data_ptr<uint8_t>();
+  const int8_t* SC = sc.data_ptr<int8_t>();
+  const int8_t* MN = mn.data_ptr<int8_t>();
+  const uint16_t* DD = reinterpret_cast<const uint16_t*>(D.data_ptr<at::Half>());
+  const uint16_t* DM = reinterpret_cast<const uint16_t*>(Dm.data_ptr<at::Half>());
+  const float* BIAS = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float out[4][16];
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t r0 = 0; r0 < M; r0 += 4) {
+        const int64_t R = std::min<int64_t>(4, M - r0);
+#if defined(VS_AVX512)
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        const __m512i low4 = _mm512_set1_epi8(0x0F);
+        for (int64_t S = 0; S < NS; ++S) {
+          __m512i A[4], B[4];
+          for (int r = 0; r < 4; ++r) { A[r] = _mm512_setzero_si512(); B[r] = _mm512_setzero_si512(); }
+          for (int64_t g = S * GPS; g < (S + 1) * GPS; ++g) {
+            const int64_t bg = b * G + g;
+            const uint8_t* wp = Q + bg * qbytes;
+            __m512i qv[8];
+            if (bits == 4) {
+              for (int64_t t = 0; t < steps / 2; ++t) {
+                const __m512i v = _mm512_loadu_si512(wp + 64 * t);
+                qv[2 * t] = _mm512_and_si512(v, low4);
+                qv[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+              }
+            } else {
+              for (int64_t s = 0; s < steps; ++s) qv[s] = _mm512_loadu_si512(wp + 64 * s);
+            }
+            const __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(SC + bg * 16)));
+            const __m512i mnv = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(MN + bg * 16)));
+            for (int64_t r = 0; r < R; ++r) {
+              const int8_t* xr = xq.data() + (r0 + r) * K + g * GS;
+              __m512i I = _mm512_setzero_si512();
+              for (int64_t s = 0; s < steps; ++s) {
+                int32_t a; std::memcpy(&a, xr + 4 * s, 4);
+                I = _mm512_dpbusd_epi32(I, qv[s], _mm512_set1_epi32(a));
+              }
+              A[r] = _mm512_add_epi32(A[r], _mm512_mullo_epi32(I, scv));
+              B[r] = _mm512_add_epi32(B[r], _mm512_mullo_epi32(mnv, _mm512_set1_epi32(xs[(r0 + r) * G + g])));
+            }
+          }
+          const int64_t bs = (b * NS + S) * 16;
+          const __m512 Dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DD + bs)));
+          const __m512 Dms = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DM + bs))),
+                                           _mm512_set1_ps(mn_scale));
+          for (int64_t r = 0; r < R; ++r) {
+            const __m512 dxv = _mm512_set1_ps(dx[(r0 + r) * NS + S]);
+            const __m512 t2 = _mm512_mul_ps(_mm512_mul_ps(Dv, dxv), _mm512_cvtepi32_ps(A[r]));
+            const __m512 t4 = _mm512_mul_ps(_mm512_mul_ps(Dms, dxv), _mm512_cvtepi32_ps(B[r]));
+            acc[r] = _mm512_add_ps(acc[r], _mm512_sub_ps(t2, t4));
+          }
+        }
+        for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], acc[r]);
+#elif defined(VS_AVX2)
+        for (int h = 0; h < 2; ++h) {
+          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+          const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+          for (int64_t S = 0; S < NS; ++S) {
+            __m256i A[4], B[4];
+            for (int r = 0; r < 4; ++r) { A[r] = _mm256_setzero_si256(); B[r] = _mm256_setzero_si256(); }
+            for (int64_t g = S * GPS; g < (S + 1) * GPS; ++g) {
+              const int64_t bg = b * G + g;
+              const uint8_t* wp = Q + bg * qbytes + 32 * h;
+              __m256i lo[8], hi[8];  // codes (bits 4: lo only; bits 8: low and high nibbles, exact with vpmaddubsw)
+              if (bits == 4) {
+                for (int64_t t = 0; t < steps / 2; ++t) {
+                  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 64 * t));
+                  lo[2 * t] = _mm256_and_si256(v, low4);
+                  lo[2 * t + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                }
+              } else {
+                for (int64_t s = 0; s < steps; ++s) {
+                  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 64 * s));
+                  lo[s] = _mm256_and_si256(v, low4);
+                  hi[s] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                }
+              }
+              const __m256i scv = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(SC + bg * 16 + 8 * h)));
+              const __m256i mnv = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(MN + bg * 16 + 8 * h)));
+              for (int64_t r = 0; r < R; ++r) {
+                const int8_t* xr = xq.data() + (r0 + r) * K + g * GS;
+                __m256i I = _mm256_setzero_si256();
+                for (int64_t s = 0; s < steps; ++s) {
+                  int32_t a; std::memcpy(&a, xr + 4 * s, 4);
+                  const __m256i xa = _mm256_set1_epi32(a);
+                  I = _mm256_add_epi32(I, _mm256_madd_epi16(_mm256_maddubs_epi16(lo[s], xa), ones));
+                  if (bits == 8)
+                    I = _mm256_add_epi32(I, _mm256_slli_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(hi[s], xa), ones), 4));
+                }
+                A[r] = _mm256_add_epi32(A[r], _mm256_mullo_epi32(I, scv));
+                B[r] = _mm256_add_epi32(B[r], _mm256_mullo_epi32(mnv, _mm256_set1_epi32(xs[(r0 + r) * G + g])));
+              }
+            }
+            const int64_t bs = (b * NS + S) * 16 + 8 * h;
+            const __m256 Dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(DD + bs)));
+            const __m256 Dms = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(DM + bs))),
+                                             _mm256_set1_ps(mn_scale));
+            for (int64_t r = 0; r < R; ++r) {
+              const __m256 dxv = _mm256_set1_ps(dx[(r0 + r) * NS + S]);
+              const __m256 t2 = _mm256_mul_ps(_mm256_mul_ps(Dv, dxv), _mm256_cvtepi32_ps(A[r]));
+              const __m256 t4 = _mm256_mul_ps(_mm256_mul_ps(Dms, dxv), _mm256_cvtepi32_ps(B[r]));
+              acc[r] = _mm256_add_ps(acc[r], _mm256_sub_ps(t2, t4));
+            }
+          }
+          for (int64_t r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
+        }
+#else
+        for (int64_t r = 0; r < R; ++r) for (int i = 0; i < 16; ++i) out[r][i] = 0.f;
+        for (int64_t S = 0; S < NS; ++S) {
+          int32_t A[4][16] = {}, B[4][16] = {};
+          for (int64_t g = S * GPS; g < (S + 1) * GPS; ++g) {
+            const int64_t bg = b * G + g;
+            const uint8_t* wp = Q + bg * qbytes;
+            for (int64_t r = 0; r < R; ++r) {
+              const int8_t* xr = xq.data() + (r0 + r) * K + g * GS;
+              const int32_t X = xs[(r0 + r) * G + g];
+              for (int i = 0; i < 16; ++i) {
+                int32_t I = 0;
+                for (int64_t s = 0; s < steps; ++s)
+                  for (int e = 0; e < 4; ++e) {
+                    const int32_t c = bits == 4 ? (wp[64 * (s / 2) + 4 * i + e] >> (4 * (s % 2))) & 15 : wp[64 * s + 4 * i + e];
+                    I += c * xr[4 * s + e];
+                  }
+                A[r][i] += I * SC[bg * 16 + i];
+                B[r][i] += MN[bg * 16 + i] * X;
+              }
+            }
+          }
+          const int64_t bs = (b * NS + S) * 16;
+          for (int64_t r = 0; r < R; ++r) {
+            const float d = dx[(r0 + r) * NS + S];
+            for (int i = 0; i < 16; ++i) {
+              const float t2 = (h2f(DD[bs + i]) * d) * (float)A[r][i];
+              const float t4 = ((h2f(DM[bs + i]) * mn_scale) * d) * (float)B[r][i];
+              out[r][i] = out[r][i] + (t2 - t4);
+            }
+          }
+        }
+#endif
+        const int64_t n0 = b * 16, nn = std::min<int64_t>(16, N - n0);
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t i = 0; i < nn; ++i)
+            Y[(r0 + r) * N + n0 + i] = BIAS ? out[r][i] + BIAS[n0 + i] : out[r][i];
+      }
+    }
+  });
+  return y;
+}
+
+// Cephes' expf polynomial: the same function for every element, wherever it sits in a row or a vector.
+static inline float vs_exp(float x) {
+  x = std::min(88.3762626647949f, std::max(-87.3365447504f, x));
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f;
+  r = r - fx * (-2.12194440e-4f);
+  const float r2 = r * r;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = (p * r2 + r) + 1.0f;
+  const int32_t n = (int32_t)fx + 127;
+  uint32_t bits = (uint32_t)n << 23;
+  float pw; std::memcpy(&pw, &bits, 4);
+  return p * pw;
+}
+
+static inline float dot16(const float* a, const float* b, int64_t n) {  // 16 interleaved partials, then in order
+  float part[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) part[l] = part[l] + a[j + l] * b[j + l];
+  for (; j < n; ++j) part[j % 16] = part[j % 16] + a[j] * b[j];
+  float t = 0.f;
+  for (int l = 0; l < 16; ++l) t = t + part[l];
+  return t;
+}
+
+torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat, "x: contiguous (M, H) fp32");
+  const int64_t M = x.size(0), H = x.size(1);
+  auto y = torch::empty_like(x);
+  const float* X = x.data_ptr<float>(); const float* W = w.data_ptr<float>(); float* Y = y.data_ptr<float>();
+  const float e = (float)eps;
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* v = X + r * H;
+      const float ms = dot16(v, v, H) / (float)H;
+      const float inv = 1.f / std::sqrt(ms + e);
+      for (int64_t j = 0; j < H; ++j) Y[r * H + j] = W[j] * (v[j] * inv);
+    }
+  });
+  return y;
+}
+
+torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
+  TORCH_CHECK(g.is_contiguous() && u.is_contiguous() && g.sizes() == u.sizes(), "g, u: same contiguous shape");
+  auto y = torch::empty_like(g);
+  const float* G = g.data_ptr<float>(); const float* U = u.data_ptr<float>(); float* Y = y.data_ptr<float>();
+  const int64_t n = g.numel();
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) Y[i] = (G[i] / (1.f + vs_exp(-G[i]))) * U[i];
+  });
+  return y;
+}
+
+// q (B, Hq, M, Dh), k and v (B, Hkv, N, Dh), allowed (B, M, N) bool -> (B, M, Hq, Dh)
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor allowed, double scale_d) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && allowed.is_contiguous(), "contiguous");
+  const int64_t B = q.size(0), Hq = q.size(1), M = q.size(2), Dh = q.size(3), Hkv = k.size(1), N = k.size(2);
+  TORCH_CHECK(Hq % Hkv == 0 && allowed.size(1) == M && allowed.size(2) == N, "shapes");
+  auto out = torch::zeros({B, M, Hq, Dh}, q.options());
+  const float* Qp = q.data_ptr<float>(); const float* Kp = k.data_ptr<float>(); const float* Vp = v.data_ptr<float>();
+  const bool* Al = allowed.data_ptr<bool>(); float* O = out.data_ptr<float>();
+  const float scale = (float)scale_d;
+  const int64_t rep = Hq / Hkv;
+  at::parallel_for(0, B * Hq * M, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(N);
+    std::vector<int64_t> idx(N);
+    std::vector<float> o(Dh);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (Hq * M), h = (t / M) % Hq, i = t % M, kh = h / rep;
+      const float* qi = Qp + ((b * Hq + h) * M + i) * Dh;
+      const float* kb = Kp + (b * Hkv + kh) * N * Dh;
+      const float* vb = Vp + (b * Hkv + kh) * N * Dh;
+      const bool* al = Al + (b * M + i) * N;
+      int64_t n = 0;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < N; ++j) {
+        if (!al[j]) continue;
+        const float sc = dot16(qi, kb + j * Dh, Dh) * scale;
+        idx[n] = j; s[n] = sc; ++n;
+        mx = std::max(mx, sc);
+      }
+      if (n == 0) continue;
+      float l = 0.f;
+      for (int64_t d = 0; d < Dh; ++d) o[d] = 0.f;
+      for (int64_t c = 0; c < n; ++c) {
+        const float e = vs_exp(s[c] - mx);
+        l = l + e;
+        const float* vj = vb + idx[c] * Dh;
+        for (int64_t d = 0; d < Dh; ++d) o[d] = o[d] + e * vj[d];
+      }
+      float* od = O + ((b * M + i) * Hq + h) * Dh;
+      for (int64_t d = 0; d < Dh; ++d) od[d] = o[d] / l;
+    }
+  });
+  return out;
+}
+"""
+
+FUNCTIONS = ["path", "qmm", "rmsnorm", "silu_mul", "attention"]
+
+
+def _variant_key(variant: str) -> str:
+    return hashlib.sha256("\n".join([SOURCE, variant, " ".join(BASE_CFLAGS + VARIANTS[variant][1]),
+                                     torch.__version__]).encode()).hexdigest()[:16]
+
+
+def build(variant: str):
+    """The compiled extension of `variant`, or None (with a warning) where it cannot be built or fails its self-test."""
+    needs, flags = VARIANTS[variant]
+    if not set(needs) <= cpu_flags():
+        return None
+    key = _variant_key(variant)
+    out = cache_root() / "kernels" / f"native_{variant}_{key}"
+    try:
+        if not any(out.glob("*.so")):
+            print(f"[verispec] building the native {variant} kernels into {out} (once, ~40 s)", file=sys.stderr,
+                  flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        from torch.utils.cpp_extension import load_inline
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = load_inline(f"verispec_native_{variant}_{key}", cpp_sources=[SOURCE], functions=FUNCTIONS,
+                              extra_cflags=BASE_CFLAGS + flags, extra_ldflags=["-fopenmp"],
+                              build_directory=str(out), verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler or headers: the next variant, and torch always works
+        warnings.warn(f"verispec: could not build the native {variant} kernels ({type(e).__name__}: "
+                      f"{str(e)[:200]})", RuntimeWarning, stacklevel=2)
+        return None
+    if not self_test(mod):
+        warnings.warn(f"verispec: the native {variant} kernels do not reproduce the torch path bit for bit; "
+                      "not used", RuntimeWarning, stacklevel=2)
+        return None
+    return mod
+
+
+@functools.lru_cache(maxsize=1)
+def kernels():
+    """(path name, extension or None): the fastest path that builds and passes its self-test here."""
+    forced = os.environ.get(PATH_ENV, "").strip().lower()
+    if forced:
+        if forced == "torch":
+            return "torch", None
+        if forced not in VARIANTS:
+            raise ValueError(f"{PATH_ENV}={forced!r}: known paths are {', '.join([*VARIANTS, 'torch'])}")
+        mod = build(forced)
+        if mod is None:
+            raise RuntimeError(f"{PATH_ENV}={forced!r}, but that path cannot be built or run on this machine")
+        return forced, mod
+    if os.environ.get(NO_BUILD_ENV) == "1":
+        return "torch", None
+    for variant in VARIANTS:
+        mod = build(variant)
+        if mod is not None:
+            return variant, mod
+    return "torch", None
+
+
+def native_path() -> str:
+    """The kernel path that runs here: "avx512_vnni", "avx2", "generic" (C++) or "torch"."""
+    return kernels()[0]
+
+
+# ---- the torch path (bit-identical to the C++ linear; per-row fallbacks for the rest) ----
+
+def quantize_acts_torch(x: torch.Tensor, SB: int, GS: int):
+    """x (M, K) -> xq (M, K) int8 values as float64, dx (M, K/SB) fp32, xs (M, K/GS) float64 (exact integers)."""
+    M, K = x.shape
+    xb = x.reshape(M, K // SB, SB)
+    amax = xb.abs().amax(-1, keepdim=True)  # (M, NS, 1)
+    dx = torch.div(amax, torch.full_like(amax, 127.0))
+    inv = torch.where(amax > 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
+    xq = torch.round(xb * inv).clamp_(-127, 127).reshape(M, K).double()
+    return xq, dx.reshape(M, -1), xq.reshape(M, K // GS, GS).sum(-1)
+
+
+def unpack_codes(p: dict, K: int, GS: int, bits: int) -> torch.Tensor:
+    """The packed codes back as (NB·16, K) uint8."""
+    qp = p["q"]
+    NB, G = qp.shape[0], qp.shape[1]
+    steps = GS // 4
+    if bits == 4:
+        v = qp.reshape(NB, G, steps // 2, 64)
+        qp = torch.stack([v & 15, v >> 4], dim=3)  # (NB, G, t, 2, 64)
+    q = qp.reshape(NB, G, steps, 16, 4).permute(0, 3, 1, 2, 4)  # (NB, i, G, s, e)
+    return q.reshape(NB * 16, K)
+
+
+def qmm_torch(x: torch.Tensor, p: dict, N: int, SB: int, GS: int, bits: int, mn_scale: float,
+              bias: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+    """What `qmm` computes, in torch: (M, K) fp32 -> (M, N), bit-identical to the C++ paths."""
+    x = x.float().contiguous()
+    M, K = x.shape
+    GPS, NS = SB // GS, K // SB
+    xq, dx, xs = quantize_acts_torch(x, SB, GS)
+    codes = p.get("_codes")
+    if codes is None:
+        codes = p["_codes"] = unpack_codes(p, K, GS, bits)[:N]  # cached: the torch path trades memory for time
+    sc = p["sc"].permute(0, 2, 1).reshape(-1, K // GS)[:N].double()  # (N, G)
+    mn = p["mn"].permute(0, 2, 1).reshape(-1, K // GS)[:N].double()
+    D = p["D"].permute(0, 2, 1).reshape(-1, NS)[:N].float()  # (N, NS)
+    Dms = p["Dm"].permute(0, 2, 1).reshape(-1, NS)[:N].float() * mn_scale
+    y = torch.empty(M, N)
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        acc = torch.zeros(M, n1 - n0)
+        for S in range(NS):
+            qS = codes[n0:n1, S * SB:(S + 1) * SB].double().reshape(n1 - n0, GPS, GS)  # (n, GPS, GS)
+            xS = xq[:, S * SB:(S + 1) * SB].reshape(M, GPS, GS)  # (M, GPS, GS)
+            I = torch.einsum("mgj,ngj->mng", xS, qS)  # (M, n, GPS) exact integer sums in float64
+            A = (I * sc[n0:n1, S * GPS:(S + 1) * GPS]).sum(-1).float()  # (M, n) int -> fp32, rounded once
+            B = (xs[:, None, S * GPS:(S + 1) * GPS] * mn[n0:n1, S * GPS:(S + 1) * GPS]).sum(-1).float()
+            d = dx[:, S:S + 1]  # (M, 1)
+            t2 = (D[n0:n1, S] * d) * A
+            t4 = (Dms[n0:n1, S] * d) * B
+            acc = acc + (t2 - t4)
+        y[:, n0:n1] = acc if bias is None else acc + bias[n0:n1]
+    return y
+
+
+def qmm(x: torch.Tensor, p: dict, N: int, SB: int, GS: int, bits: int, mn_scale: float,
+        bias: torch.Tensor | None = None) -> torch.Tensor:
+    mod = kernels()[1]
+    if mod is None:
+        return qmm_torch(x, p, N, SB, GS, bits, mn_scale, bias)
+    return mod.qmm(x.float().contiguous(), p["q"], p["sc"], p["mn"], p["D"], p["Dm"], N, SB, GS, bits,
+                   float(mn_scale), bias)
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (M, H) -> (M, H), one row at a time."""
+    mod = kernels()[1]
+    if mod is not None:
+        return mod.rmsnorm(x.float().contiguous(), w, float(eps))
+    rows = [r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * w for r in x.float().split(1)]
+    return torch.cat(rows) if rows else x.float().clone()
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    mod = kernels()[1]
+    if mod is not None:
+        return mod.silu_mul(g.contiguous(), u.contiguous())
+    return torch.cat([torch.nn.functional.silu(a) * b for a, b in zip(g.reshape(-1, g.shape[-1]).split(1),
+                                                                      u.reshape(-1, u.shape[-1]).split(1))]).view_as(g)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, Hq, M, D), k / v (B, Hkv, N, D), allowed (B, M, N) bool -> (B, M, Hq, D)."""
+    mod = kernels()[1]
+    if mod is not None:
+        return mod.attention(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
+                             allowed.contiguous(), float(scale))
+    B, Hq, M, Dh = q.shape
+    rep = Hq // k.shape[1]
+    out = torch.zeros(B, M, Hq, Dh)
+    for b in range(B):
+        for i in range(M):
+            j = allowed[b, i].nonzero().flatten()
+            if len(j) == 0:
+                continue
+            kk = k[b, :, j].repeat_interleave(rep, 0)  # (Hq, n, D)
+            vv = v[b, :, j].repeat_interleave(rep, 0)
+            s = torch.einsum("hd,hnd->hn", q[b, :, i], kk) * scale  # (Hq, n)
+            out[b, i] = torch.einsum("hn,hnd->hd", torch.softmax(s, -1), vv)
+    return out
+
+
+def self_test(mod) -> bool:
+    """Every block type, 1..5 rows and a bias: the extension's `qmm` must equal `qmm_torch` bit for bit."""
+    from verispec.kernels.ggml_blocks import TYPES, decode, pack, quantize
+
+    g = torch.Generator().manual_seed(0)
+    try:
+        for name, t in TYPES.items():
+            K = 2 * t.SB if t.SB == 256 else 96
+            W = torch.randn(37, K, generator=g)
+            w = decode(name, quantize(W, name), K)
+            p = pack(w)
+            bias = torch.randn(37, generator=g)
+            for M in (1, 5):
+                x = torch.randn(M, K, generator=g) * 3
+                got = mod.qmm(x, p["q"], p["sc"], p["mn"], p["D"], p["Dm"], 37, t.SB, t.GS, t.bits,
+                              t.mn_scale, bias)
+                if not torch.equal(got, qmm_torch(x, p, 37, t.SB, t.GS, t.bits, t.mn_scale, bias)):
+                    return False
+    except RuntimeError:
+        return False
+    return True
