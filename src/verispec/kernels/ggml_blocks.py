@@ -12,7 +12,7 @@ with mn_scale a power of two per type (so Dm·mn_scale is exact). The types, as 
 | type | SB | GS | q | sc | mn | D | Dm | mn_scale | bits stored |
 |---|---|---|---|---|---|---|---|---|---|
 | Q4_K | 256 | 32 | 0..15 | 6-bit scale | 6-bit min | d | dmin | 1 | 4 |
-| Q6_K | 256 | 16 | 0..63 | int8 scale | = sc | d | d | 32 | 8 |
+| Q6_K | 256 | 16 | 0..63 | int8 scale | = sc (shared) | d | d | 32 | 6 (4 + 2) |
 | Q8_0 | 32 | 32 | int8 + 128 | 1 | 1 | d | d | 128 | 8 |
 | Q5_0 | 32 | 32 | 0..31 | 1 | 1 | d | d | 16 | 8 |
 | Q4_1 | 32 | 32 | 0..15 | 1 | 1 | d | −m | 1 | 4 |
@@ -25,7 +25,8 @@ superblock. `dequantize` gives the file's weights (ggml's own formulas, for embe
 
 `pack` lays the codes out for the kernels: rows in blocks of 16 (one SIMD lane per row), and per (row block, group)
 GS/4 steps of 64 bytes — byte s·64 + i·4 + e is the code of row i at input 4s + e (4-bit: two steps per byte, step 2t
-in the low nibble and 2t + 1 in the high one). sc and mn are int8 per (row block, group, lane), D and Dm fp16 per
+in the low nibble and 2t + 1 in the high one; 6-bit: those nibbles, then per 4 steps 64 bytes of their top 2 bits, step
+4u + j at bit 2j). sc and mn are int8 per (row block, group, lane), D and Dm fp16 per
 (row block, superblock, lane). Packing moves bits, it does not change them.
 
 `quantize` makes blocks from fp32 weights for models that have no file (tests, in-process models): Q8_0 / Q5_0 /
@@ -54,7 +55,7 @@ class BlockType:
 
 TYPES: dict[str, BlockType] = {t.name: t for t in [
     BlockType("Q4_K", 256, 32, 4, 1.0, 144, None),
-    BlockType("Q6_K", 256, 16, 8, 32.0, 210, 32),
+    BlockType("Q6_K", 256, 16, 6, 32.0, 210, 32),
     BlockType("Q8_0", 32, 32, 8, 128.0, 34, 128),
     BlockType("Q5_0", 32, 32, 8, 16.0, 22, 16),
     BlockType("Q4_1", 32, 32, 4, 1.0, 20, None),
@@ -173,12 +174,20 @@ def pack(w: IntWeights) -> dict[str, torch.Tensor]:
 
     G, steps = K // t.GS, t.GS // 4
     q = padded(w.q).reshape(NB, 16, G, steps, 4).transpose(0, 2, 3, 1, 4)  # (NB, G, steps, 16, 4)
-    if t.bits == 4:
-        q = q.reshape(NB, G, steps // 2, 2, 64)
-        q = q[:, :, :, 0] | (q[:, :, :, 1] << 4)
+    if t.bits in (4, 6):
+        lo = (q & 15).reshape(NB, G, steps // 2, 2, 64)
+        lo = (lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)).reshape(NB, G, -1)
+        if t.bits == 6:  # bits 4, 5 of 4 steps in one byte: step 4u + j at bit 2j
+            hi = (q >> 4).reshape(NB, G, steps // 4, 4, 64)
+            hi = hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6)
+            lo = np.concatenate([lo, hi.reshape(NB, G, -1)], axis=-1)
+        q = lo
     lanes = lambda a: torch.from_numpy(np.ascontiguousarray(padded(a).reshape(NB, 16, -1).transpose(0, 2, 1)))
-    return {"q": torch.from_numpy(np.ascontiguousarray(q).reshape(NB, G, -1)), "sc": lanes(w.sc), "mn": lanes(w.mn),
-            "D": lanes(w.D), "Dm": lanes(w.Dm)}
+    sc = lanes(w.sc)
+    mn = sc if t.name == "Q6_K" and np.array_equal(w.mn, w.sc) else lanes(w.mn)  # Q6_K's offsets are its scales
+    D = lanes(w.D)
+    return {"q": torch.from_numpy(np.ascontiguousarray(q).reshape(NB, G, -1)), "sc": sc, "mn": mn,
+            "D": D, "Dm": D if np.array_equal(w.Dm, w.D) else lanes(w.Dm)}
 
 
 # ---- quantizers for weights without a file (tests, in-process models) ----

@@ -113,7 +113,9 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
                   c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous (M, K) fp32");
   const int64_t M = x.size(0), K = x.size(1), NB = q.size(0), G = K / GS, NS = K / SB, GPS = SB / GS;
-  const int64_t steps = GS / 4, qbytes = bits == 4 ? steps * 32 : steps * 64;
+  // bits 4: two steps per 64-byte vector (nibbles); 6: those nibbles, then 4 steps' high 2 bits per 64 bytes; 8: bytes
+  const int64_t steps = GS / 4, qbytes = bits == 4 ? steps * 32 : bits == 6 ? steps * 48 : steps * 64;
+  TORCH_CHECK(bits == 4 || bits == 8 || (bits == 6 && steps % 4 == 0), "bits");
   TORCH_CHECK(K % SB == 0 && q.size(1) == G && q.size(2) == qbytes, "weight layout does not match the input");
   TORCH_CHECK(N <= NB * 16, "N");
   const float mn_scale = (float)mn_scale_d;
@@ -131,31 +133,49 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
   const float* BIAS = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float out[4][16];
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t r0 = 0; r0 < M; r0 += 4) {
-        const int64_t R = std::min<int64_t>(4, M - r0);
 #if defined(VS_AVX512)
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    constexpr int RB = 8;  // activation rows per pass over a row block's weights (weights unpacked once per pass)
+#else
+    constexpr int RB = 4;  // AVX2 has 16 vector registers
+#endif
+    alignas(64) float out[RB][16];
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t r0 = 0; r0 < M; r0 += RB) {
+        const int64_t R = std::min<int64_t>(RB, M - r0);
+#if defined(VS_AVX512)
+        __m512 acc[RB];
+        for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
         const __m512i low4 = _mm512_set1_epi8(0x0F);
+        // lane i of group g next to lane i of group g + 1, as int16 pairs (for vpmaddwd with (X_g, X_g+1))
+        const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                             23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
         for (int64_t S = 0; S < NS; ++S) {
-          __m512i A[4], B[4];
-          for (int r = 0; r < 4; ++r) { A[r] = _mm512_setzero_si512(); B[r] = _mm512_setzero_si512(); }
+          __m512i A[RB];
+          for (int r = 0; r < RB; ++r) A[r] = _mm512_setzero_si512();
           for (int64_t g = S * GPS; g < (S + 1) * GPS; ++g) {
             const int64_t bg = b * G + g;
             const uint8_t* wp = Q + bg * qbytes;
             __m512i qv[8];
-            if (bits == 4) {
+            if (bits != 8) {
               for (int64_t t = 0; t < steps / 2; ++t) {
                 const __m512i v = _mm512_loadu_si512(wp + 64 * t);
                 qv[2 * t] = _mm512_and_si512(v, low4);
                 qv[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
               }
+              if (bits == 6) {  // bits 4, 5 of each code: 2 bits per step, 4 steps per byte
+                const __m512i m2 = _mm512_set1_epi8(0x30);
+                for (int64_t u = 0; u < steps / 4; ++u) {
+                  const __m512i h = _mm512_loadu_si512(wp + steps * 32 + 64 * u);
+                  qv[4 * u] = _mm512_or_si512(qv[4 * u], _mm512_and_si512(_mm512_slli_epi16(h, 4), m2));
+                  qv[4 * u + 1] = _mm512_or_si512(qv[4 * u + 1], _mm512_and_si512(_mm512_slli_epi16(h, 2), m2));
+                  qv[4 * u + 2] = _mm512_or_si512(qv[4 * u + 2], _mm512_and_si512(h, m2));
+                  qv[4 * u + 3] = _mm512_or_si512(qv[4 * u + 3], _mm512_and_si512(_mm512_srli_epi16(h, 2), m2));
+                }
+              }
             } else {
               for (int64_t s = 0; s < steps; ++s) qv[s] = _mm512_loadu_si512(wp + 64 * s);
             }
             const __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(SC + bg * 16)));
-            const __m512i mnv = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(MN + bg * 16)));
             for (int64_t r = 0; r < R; ++r) {
               const int8_t* xr = xq.data() + (r0 + r) * K + g * GS;
               __m512i I = _mm512_setzero_si512();
@@ -164,37 +184,64 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
                 I = _mm512_dpbusd_epi32(I, qv[s], _mm512_set1_epi32(a));
               }
               A[r] = _mm512_add_epi32(A[r], _mm512_mullo_epi32(I, scv));
-              B[r] = _mm512_add_epi32(B[r], _mm512_mullo_epi32(mnv, _mm512_set1_epi32(xs[(r0 + r) * G + g])));
             }
           }
-          const int64_t bs = (b * NS + S) * 16;
+          const int64_t bs = (b * NS + S) * 16, g0 = S * GPS;
           const __m512 Dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DD + bs)));
           const __m512 Dms = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DM + bs))),
                                            _mm512_set1_ps(mn_scale));
+          __m512i mp[8];
+          if (GPS % 2 == 0)
+            for (int64_t k = 0; k < GPS / 2; ++k)
+              mp[k] = _mm512_permutexvar_epi16(ilv, _mm512_cvtepi8_epi16(
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(MN + (b * G + g0 + 2 * k) * 16))));
           for (int64_t r = 0; r < R; ++r) {
+            const int32_t* X = xs.data() + (r0 + r) * G + g0;
+            __m512i Bv = _mm512_setzero_si512();
+            if (GPS % 2 == 0) {
+              for (int64_t k = 0; k < GPS / 2; ++k) {
+                const int32_t pair = (int32_t)(((uint32_t)X[2 * k + 1] << 16) | ((uint32_t)X[2 * k] & 0xFFFFu));
+                Bv = _mm512_add_epi32(Bv, _mm512_madd_epi16(mp[k], _mm512_set1_epi32(pair)));
+              }
+            } else {
+              for (int64_t k = 0; k < GPS; ++k)
+                Bv = _mm512_add_epi32(Bv, _mm512_mullo_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    reinterpret_cast<const __m128i*>(MN + (b * G + g0 + k) * 16))), _mm512_set1_epi32(X[k])));
+            }
             const __m512 dxv = _mm512_set1_ps(dx[(r0 + r) * NS + S]);
             const __m512 t2 = _mm512_mul_ps(_mm512_mul_ps(Dv, dxv), _mm512_cvtepi32_ps(A[r]));
-            const __m512 t4 = _mm512_mul_ps(_mm512_mul_ps(Dms, dxv), _mm512_cvtepi32_ps(B[r]));
+            const __m512 t4 = _mm512_mul_ps(_mm512_mul_ps(Dms, dxv), _mm512_cvtepi32_ps(Bv));
             acc[r] = _mm512_add_ps(acc[r], _mm512_sub_ps(t2, t4));
           }
         }
         for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], acc[r]);
 #elif defined(VS_AVX2)
         for (int h = 0; h < 2; ++h) {
-          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+          __m256 acc[RB];
+          for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
           const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
           for (int64_t S = 0; S < NS; ++S) {
-            __m256i A[4], B[4];
-            for (int r = 0; r < 4; ++r) { A[r] = _mm256_setzero_si256(); B[r] = _mm256_setzero_si256(); }
+            __m256i A[RB], B[RB];
+            for (int r = 0; r < RB; ++r) { A[r] = _mm256_setzero_si256(); B[r] = _mm256_setzero_si256(); }
             for (int64_t g = S * GPS; g < (S + 1) * GPS; ++g) {
               const int64_t bg = b * G + g;
               const uint8_t* wp = Q + bg * qbytes + 32 * h;
               __m256i lo[8], hi[8];  // codes (bits 4: lo only; bits 8: low and high nibbles, exact with vpmaddubsw)
-              if (bits == 4) {
+              if (bits != 8) {  // codes <= 63: one vpmaddubsw pair sum stays within int16
                 for (int64_t t = 0; t < steps / 2; ++t) {
                   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 64 * t));
                   lo[2 * t] = _mm256_and_si256(v, low4);
                   lo[2 * t + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                }
+                if (bits == 6) {
+                  const __m256i m2 = _mm256_set1_epi8(0x30);
+                  for (int64_t u = 0; u < steps / 4; ++u) {
+                    const __m256i hv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + steps * 32 + 64 * u));
+                    lo[4 * u] = _mm256_or_si256(lo[4 * u], _mm256_and_si256(_mm256_slli_epi16(hv, 4), m2));
+                    lo[4 * u + 1] = _mm256_or_si256(lo[4 * u + 1], _mm256_and_si256(_mm256_slli_epi16(hv, 2), m2));
+                    lo[4 * u + 2] = _mm256_or_si256(lo[4 * u + 2], _mm256_and_si256(hv, m2));
+                    lo[4 * u + 3] = _mm256_or_si256(lo[4 * u + 3], _mm256_and_si256(_mm256_srli_epi16(hv, 2), m2));
+                  }
                 }
               } else {
                 for (int64_t s = 0; s < steps; ++s) {
@@ -235,7 +282,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
 #else
         for (int64_t r = 0; r < R; ++r) for (int i = 0; i < 16; ++i) out[r][i] = 0.f;
         for (int64_t S = 0; S < NS; ++S) {
-          int32_t A[4][16] = {}, B[4][16] = {};
+          int32_t A[RB][16] = {}, B[RB][16] = {};
           for (int64_t g = S * GPS; g < (S + 1) * GPS; ++g) {
             const int64_t bg = b * G + g;
             const uint8_t* wp = Q + bg * qbytes;
@@ -246,7 +293,9 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
                 int32_t I = 0;
                 for (int64_t s = 0; s < steps; ++s)
                   for (int e = 0; e < 4; ++e) {
-                    const int32_t c = bits == 4 ? (wp[64 * (s / 2) + 4 * i + e] >> (4 * (s % 2))) & 15 : wp[64 * s + 4 * i + e];
+                    const int32_t c = bits == 8 ? wp[64 * s + 4 * i + e]
+                        : (((wp[64 * (s / 2) + 4 * i + e] >> (4 * (s % 2))) & 15)
+                           | (bits == 6 ? ((wp[steps * 32 + 64 * (s / 4) + 4 * i + e] >> (2 * (s % 4))) & 3) << 4 : 0));
                     I += c * xr[4 * s + e];
                   }
                 A[r][i] += I * SC[bg * 16 + i];
@@ -462,9 +511,14 @@ def unpack_codes(p: dict, K: int, GS: int, bits: int) -> torch.Tensor:
     qp = p["q"]
     NB, G = qp.shape[0], qp.shape[1]
     steps = GS // 4
-    if bits == 4:
-        v = qp.reshape(NB, G, steps // 2, 64)
-        qp = torch.stack([v & 15, v >> 4], dim=3)  # (NB, G, t, 2, 64)
+    if bits in (4, 6):
+        v = qp[:, :, :steps * 32].reshape(NB, G, steps // 2, 64)
+        lo = torch.stack([v & 15, v >> 4], dim=3).reshape(NB, G, steps, 64)  # (NB, G, s, i·4 + e)
+        if bits == 6:
+            h = qp[:, :, steps * 32:].reshape(NB, G, steps // 4, 1, 64)
+            hi = (h >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)) & 3  # (NB, G, u, 4, 64)
+            lo = lo | (hi.reshape(NB, G, steps, 64) << 4)
+        qp = lo
     q = qp.reshape(NB, G, steps, 16, 4).permute(0, 3, 1, 2, 4)  # (NB, i, G, s, e)
     return q.reshape(NB * 16, K)
 
