@@ -156,6 +156,24 @@ def cmd_experiment(a) -> int:
     return 0
 
 
+def cmd_build_llamacpp(a) -> int:
+    from verispec.bench import llamacpp
+
+    if a.status:
+        b = llamacpp.find_build()
+        print(f"flags: {' '.join(llamacpp.cmake_flags())}\nfolder: {llamacpp.build_dir()}\n"
+              f"built: {'yes' if b else 'no'}" + (f" ({b.marker.get('llama_cpp', '').splitlines()[0]})" if b else ""))
+        return 0
+    try:
+        b = llamacpp.ensure_built(progress=lambda line: print(line, file=sys.stderr, flush=True), force=a.force,
+                                  sdist=a.sdist, jobs=a.jobs)
+    except llamacpp.LlamaCppError as e:
+        print(f"verispec: error: {e}", file=sys.stderr)
+        return 1
+    print(b.server)
+    return 0
+
+
 def cmd_methods(a) -> int:
     from verispec.registry import describe
 
@@ -277,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
     e.add_argument("--drafter-backend", help=DRAFTER_BACKEND_HELP)
     e.set_defaults(func=cmd_experiment)
+
+    lb = sub.add_parser("build-llamacpp", help="build llama.cpp's llama-server and llama-bench for this CPU (the "
+                                               "llamacpp-ar / llamacpp-sd benchmark peers)")
+    lb.add_argument("--force", action="store_true", help="build again even if built")
+    lb.add_argument("--status", action="store_true", help="print the cmake flags, the folder and whether it is built")
+    lb.add_argument("--sdist", help="a local llama-cpp-python sdist instead of downloading it (sha256-checked)")
+    lb.add_argument("--jobs", type=int, help="parallel compile jobs (default: every core)")
+    lb.set_defaults(func=cmd_build_llamacpp)
 
     ms = sub.add_parser("methods", help="list every method and policy: what it needs, which options it takes")
     ms.set_defaults(func=cmd_methods)

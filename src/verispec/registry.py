@@ -103,6 +103,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            options=("gamma", *PEER_OPTIONS), needs_draft_model=True),
     Method("hf-pld", "peer", "verispec.bench.peers:run_hf", "transformers' prompt lookup decoding",
            options=("num_tokens", "ngram", *PEER_OPTIONS)),
+    # llama.cpp runs its own kernels on the GGUF file (and verifies a draft in one batch, not bit-identical to one
+    # token at a time), so its greedy tokens can differ from verispec's AR: lossless=False, the same rule on other
+    # arithmetic. `verispec build-llamacpp` first; unbuilt, they are skipped.
+    Method("llamacpp-ar", "peer", "verispec.bench.llamacpp:run_llamacpp",
+           "llama.cpp's llama-server on the target's GGUF file, plain decoding", lossless=False),
+    Method("llamacpp-sd", "peer", "verispec.bench.llamacpp:run_llamacpp",
+           "llama.cpp's own draft-model speculation (llama-server -md, its defaults unless draft_max= / draft_min= / "
+           "p_min=)", options=("draft_max", "draft_min", "p_min"), needs_draft_model=True, lossless=False),
 ]}
 
 POLICIES: dict[str, Policy] = {p.name: p for p in [

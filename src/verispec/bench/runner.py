@@ -175,15 +175,18 @@ def open_dir(p: BenchPlan) -> set[tuple]:
 
 def load(p: BenchPlan) -> BenchModels:
     """The target, one drafter per drafter backend in use, and (for peers that run as their users run them) plain
-    transformers copies; records every model's backend and kernel path in config.json."""
+    transformers copies; records every model's backend and kernel path in config.json. llama.cpp peers need no
+    copy (they run the GGUF files) and are dropped, with a one-line message, when llama.cpp is not built."""
+    from verispec.bench import llamacpp
     from verispec.bench.peers import prepare
 
+    p.specs, lcp = llamacpp.prepare_specs(p.specs, p.target, p.drafter)  # checked before any model is loaded
     tgt = load_model(p.target, backend=p.backend)
     drafters = {b: load_model(p.drafter, backend=b) for b in p.drafter_backends} if p.drafter else {}
     for d in drafters.values():
         check_compatible(tgt, d)
     models = BenchModels(tgt, drafters)
-    plain = [s for s in p.specs if s.peer and not s.on_our_kernels]
+    plain = [s for s in p.specs if s.peer and not s.on_our_kernels and not llamacpp.is_peer(s)]
     if plain:
         models.peer_target = prepare(load_model(p.target, backend="torch"))
         if any(s.needs_drafter for s in plain):
@@ -200,6 +203,8 @@ def load(p: BenchPlan) -> BenchModels:
                        "kernels": {"target": tgt.kernel, **{f"drafter {b}": d.kernel for b, d in drafters.items()}},
                        "peers": {"target": models.peer_target.backend if models.peer_target else None,
                                  "drafter": models.peer_drafter.backend if models.peer_drafter else None}}
+    if lcp is not None:
+        cfg["backends"]["llamacpp"] = lcp.describe()
     (p.out / CONFIG).write_text(json.dumps(cfg, indent=1))
     models.encoded = [encode(tgt, q) for q in p.prompts]
     if models.peer_target is not None:
@@ -208,6 +213,11 @@ def load(p: BenchPlan) -> BenchModels:
         for s in plain:  # the peers must sample exactly verispec's distribution
             gen = generation_config(p.sampling, tgt.stop_ids, p.max_new_tokens, s.name, s.params)
             check_processors(models.peer_target.model, gen, len(models.encoded[0]), p.sampling)
+    if lcp is not None:  # llama.cpp peers read only .name and .stop_ids (an HF copy, when loaded, serves too)
+        models.peer_target = models.peer_target or llamacpp.GGUFModel(p.target, llamacpp.gguf_path(p.target),
+                                                                      tgt.stop_ids)
+        if any(s.name == llamacpp.SD for s in p.specs) and models.peer_drafter is None:
+            models.peer_drafter = llamacpp.GGUFModel(p.drafter, llamacpp.gguf_path(p.drafter))
     return models
 
 
@@ -235,7 +245,8 @@ def run(p: BenchPlan, models: BenchModels, done: set[tuple], progress: bool = Tr
         model, drafter = models.for_method(spec, p.default_drafter_backend)
         ids, stats = run_method(spec, model, drafter, prompt_ids, p.max_new_tokens, p.sampling, p.gamma)
         row = {"prompt_id": q.id, "category": q.category, "method": spec.label, "repeat": rep, "peer": spec.peer,
-               "backend": model.backend, "prompt_tokens": len(prompt_ids), "new_tokens": len(ids), "token_ids": ids,
+               "backend": stats.extra.get("backend", model.backend) if spec.peer else model.backend,  # llama.cpp
+               "prompt_tokens": len(prompt_ids), "new_tokens": len(ids), "token_ids": ids,
                "t_total": stats.t_total, "t_prefill": stats.t_prefill, "t_draft": stats.t_draft,
                "t_verify": stats.t_verify, "t_other": stats.t_other,
                "target_forwards": None if spec.peer else stats.target_forwards,
@@ -243,7 +254,8 @@ def run(p: BenchPlan, models: BenchModels, done: set[tuple], progress: bool = Tr
                "target_tokens_processed": stats.target_tokens_processed if not spec.peer else
                len(prompt_ids) + len(ids),  # a lower bound for peers: HF does not report its forwards
                "drafter_tokens_processed": stats.drafter_tokens_processed,
-               "stop_reason": stats.stop_reason, "steps": None if spec.peer else steps_log(stats)}
+               "stop_reason": stats.stop_reason, "steps": None if spec.peer else steps_log(stats),
+               "peer_info": (stats.extra or None) if spec.peer else None}  # llama.cpp: its timings, draft counts
         if not p.sampling.greedy:
             row["loglik"] = loglik(tgt, prompt_ids, ids)
         if q.reference is not None and tgt.tokenizer is not None:
