@@ -106,7 +106,7 @@ def test_bench_counts_every_method_the_same_way_and_renders_from_rows(folders):
     assert all(r["exact_match_ar"] == 1.0 for r in overall.values()) and s["lossless_violations"] == {}
     assert overall["sd"]["bleu"] is not None
     report = (out / "report.md").read_text()
-    assert "## Category: a" in report and "hf-assisted (HF peer on `torch`)" in report and "WARNING" not in report
+    assert "## Category: a" in report and "hf-assisted (peer on `torch`)" in report and "WARNING" not in report
     assert (out / "plots" / "speedup.png").stat().st_size > 1000
 
     # Re-render from the saved rows alone; a tampered row is flagged loudly as a lossless violation.

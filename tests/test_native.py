@@ -59,6 +59,15 @@ def test_every_variant_this_cpu_can_build_is_bit_identical(variant):
         pytest.skip(f"this CPU lacks {variant}")
     mod = native.build(variant)  # None if its self-test (bit equality with torch on every type) failed
     assert mod is not None and mod.path() == variant
+    ref = native.build("generic")  # the per-row kernels too: the same bits on every C++ path
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(5, 896, generator=g), torch.rand(896, generator=g)
+    a, u = torch.randn(3, 8960, generator=g) * 6, torch.randn(3, 8960, generator=g)
+    q, k = torch.randn(1, 4, 3, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g)
+    allowed = torch.ones(1, 3, 40, dtype=torch.bool).tril(37)
+    assert torch.equal(mod.rmsnorm(x, w, 1e-6), ref.rmsnorm(x, w, 1e-6))
+    assert torch.equal(mod.silu_mul(a, u), ref.silu_mul(a, u))
+    assert torch.equal(mod.attention(q, k, k, allowed, 0.125), ref.attention(q, k, k, allowed, 0.125))
 
 
 @pytest.mark.parametrize("name", list(TYPES))
@@ -277,3 +286,23 @@ def test_cached_lm_trees_run_on_the_native_attention(native_qwen):
 
     logits = lm.score([1, 2, 3, 4], Draft(tokens=[5, 6, 7], parents=[-1, -1, 0]))
     assert native_qwen.config._attn_implementation == "verispec_native" and logits.shape == (4, 64)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_the_native_decoder_is_transformers_forward_bit_for_bit(arch):
+    """CachedLM runs chains on the backend's NativeDecoder (targets too): it must equal transformers' forward."""
+    from transformers import DynamicCache
+
+    from verispec.backends.native import NativeDecoder
+
+    m = to_native(_tiny(arch, seed=4), types=K_QUANTS)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    with torch.no_grad():
+        hf = m(ids[:, :4], past_key_values=(c1 := DynamicCache(config=m.config)), use_cache=True).logits[0]
+        hf2 = m(ids[:, 4:], past_key_values=c1, use_cache=True).logits[0]
+        dec = NativeDecoder(m)
+        c2 = DynamicCache(config=m.config)
+        lean = m.lm_head(dec(ids[:, :4], c2, 4))
+        lean2 = m.lm_head(dec(ids[:, 4:], c2, 2))
+    assert torch.equal(hf, lean) and torch.equal(hf2, lean2)
+    assert CachedLM(m).lean is not None

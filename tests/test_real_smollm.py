@@ -37,3 +37,14 @@ def test_greedy_speculative_equals_greedy_on_smollm2(smol, prompt):
         out = verispec.generate(smol, prompt, drafter=drafter, gamma=gamma, max_new_tokens=40)
         assert out.token_ids == ar.token_ids, (drafter.name, gamma)
     assert out.stats.drafted > 0
+
+
+def test_the_default_backend_runs_the_file_s_own_blocks(smol):
+    """Loaded by name, SmolLM2 runs on its GGUF file's Q4_1 / Q8_0 blocks; the int8 activations are the only
+    difference from the fp32 reference (`fast`, dequantized from the same file), so the first tokens agree."""
+    assert smol.backend == "gguf" and "Q4_1" in smol.kernel
+    ref = load_model("smollm2-135m", backend="fast")
+    prompt = "The history of the printing press"
+    a = verispec.generate(smol, prompt, max_new_tokens=16).token_ids
+    b = verispec.generate(ref, prompt, max_new_tokens=16).token_ids
+    assert a[:4] == b[:4]

@@ -37,8 +37,12 @@ class CachedLM:
         self.model = model
         # lean=True (drafters only): chains run verispec.rewrites.lean's forward where the model family is known —
         # same operations, none of transformers' per-call overhead, not bit-identical to it. Targets never use it.
+        # A model on the gguf backend always takes that backend's NativeDecoder: bit-identical to transformers'
+        # forward there (tested), so a target may use it too.
+        from verispec.backends.native import is_native
+
         self.lean = None
-        if lean:
+        if lean or is_native(model):
             from verispec.rewrites.lean import lean_decoder
 
             self.lean = lean_decoder(model)

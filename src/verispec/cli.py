@@ -197,9 +197,11 @@ def _names(records) -> str:
     return ", ".join(records)
 
 
-TARGET_BACKEND_HELP = ("target backend: auto (fast packed fp32 linears on CPU, default), fast, or torch (transformers "
-                       "as built). The reduced-precision backends (fast-bf16 / fast-int8 / fast-int4) are for drafters "
-                       "only: their logits at a position depend on the rest of the forward")
+TARGET_BACKEND_HELP = ("target backend: auto (default: a registry model on gguf — its GGUF file's own blocks, integer "
+                       "kernels, batch-invariant by construction — where those kernels build; other models on fast), "
+                       "gguf, fast (packed fp32 linears from the dequantized file: the fp32 reference), or torch "
+                       "(transformers as built). The reduced-precision backends (fast-bf16 / fast-int8 / fast-int4) "
+                       "are for drafters only: their logits at a position depend on the rest of the forward")
 DRAFTER_BACKEND_HELP = ("drafter backend (default: auto-draft, the cheapest lossy backend here — fast-int4 or "
                         "fast-int8 — when --backend is auto, else as --backend; `fast` = the fp32 drafter). "
                         "A drafter's precision changes only speed and acceptance, never the output distribution")

@@ -92,9 +92,14 @@ def unwrap(model) -> nn.Module:
 
 
 def weight_count(model) -> int:
-    """Parameters plus the weights of FastLinear / int8 / int4 layers (held as packed tensors, not Parameters)."""
+    """Parameters plus the weights of FastLinear / int8 / int4 / native GGUF layers (held as packed tensors, not
+    Parameters)."""
+    from verispec.backends.native import NativeEmbedding, NativeLinear
+
     module = unwrap(model)
     n = sum(p.numel() for p in module.parameters())
+    n += sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, NativeLinear))
+    n += sum(m.num_embeddings * m.embedding_dim for m in module.modules() if isinstance(m, NativeEmbedding))
     copies = {id(m.wide) for m in module.modules() if isinstance(m, Int4Linear) and m.wide is not None}
     return n + sum(m.in_features * m.out_features for m in module.modules()
                    if (isinstance(m, (FastLinear, Int4Linear)) or is_int8_linear(m)) and id(m) not in copies)

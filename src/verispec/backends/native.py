@@ -290,3 +290,38 @@ def describe(module: nn.Module) -> str:
     types = Counter(m.type for m in module.modules() if isinstance(m, NativeLinear))
     parts = ", ".join(f"{n} {t}" for t, n in sorted(types.items()))
     return f"native GGUF blocks ({parts}) on the {native.native_path()} path, batch-invariant per row"
+
+
+class NativeDecoder:
+    """transformers' Qwen2 / Llama decoder forward on the native modules, without its per-call Python (mask
+    construction, output capturing, attention-interface dispatch): the same kernels called on the same tensors in
+    the same order, so its hidden states are **bit-identical** to transformers' forward on this backend
+    (`tests/test_native.py`) — which is why a target may use it, unlike `verispec.rewrites.lean` (fp32 rounding
+    differences). Causal chains on a plain DynamicCache; trees keep transformers' forward (same bits there too)."""
+
+    def __init__(self, model: nn.Module):
+        body = model.get_decoder()
+        self.embed, self.layers, self.norm, self.rotary = body.embed_tokens, list(body.layers), body.norm, body.rotary_emb
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, cache, n_last: int = 1) -> torch.Tensor:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        T = input_ids.shape[1]
+        P = cache.get_seq_length()
+        x = self.embed(input_ids)  # (1, T, H)
+        cos, sin = self.rotary(x, torch.arange(P, P + T).unsqueeze(0))  # (1, T, hd) each
+        allowed = torch.ones(T, P + T, dtype=torch.bool).tril(P).unsqueeze(0)  # (1, T, P + T) causal
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = layer.input_layernorm(x)
+            shape = (1, T, -1, attn.head_dim)
+            q = attn.q_proj(h).view(shape).transpose(1, 2)  # (1, nh, T, hd)
+            k = attn.k_proj(h).view(shape).transpose(1, 2)  # (1, nkv, T, hd)
+            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k, v = cache.update(k, v, i)  # (1, nkv, P + T, hd)
+            o = native.attention(q, k, v, allowed, attn.scaling)  # (1, T, nh, hd)
+            x = x + attn.o_proj(o.reshape(1, T, -1).contiguous())
+            x = x + mlp(layer.post_attention_layernorm(x))
+        return self.norm(x[0, -n_last:])  # (n_last, H)

@@ -48,6 +48,10 @@ def summarize(config: dict, rows: list[dict], cost: dict | None) -> dict:
             agg = aggregate(mr, ar_rows, params if not mr[0].get("peer") else {"target": params["target"]})
             agg["peer"] = bool(mr[0].get("peer"))
             agg["backend"] = mr[0].get("backend")  # the target backend it ran on (peers: plain "torch" unless asked)
+            info = [r["peer_info"] for r in mr if r.get("peer_info") and r["peer_info"].get("draft_n")]
+            if info:  # llama.cpp reports its own draft counts: α̂ from them (its forwards are not reported)
+                drafted = sum(i["draft_n"] for i in info)
+                agg["acceptance_rate"] = sum(i.get("draft_n_accepted") or 0 for i in info) / drafted if drafted else None
             logged = [r["steps"] for r in mr if r.get("steps")]
             rounds = ([x for s in logged for x in s["d"]], [x for s in logged for x in s["a"]],
                       [x for s in logged for x in (s.get("n") or s["d"])]) if logged else None
@@ -56,7 +60,10 @@ def summarize(config: dict, rows: list[dict], cost: dict | None) -> dict:
             table[m] = agg
         out[g] = table
     greedy = config["sampling"]["temperature"] == 0
-    flagged = {m: r["mismatched_prompts"] for m, r in out["overall"].items() if greedy and r["mismatched_prompts"]}
+    # Peers compute on other arithmetic (transformers' fp32, llama.cpp's kernels): their tokens may differ from our AR's
+    # without any method being lossy; their agreement is reported separately (`agreement`).
+    flagged = {m: r["mismatched_prompts"] for m, r in out["overall"].items()
+               if greedy and not r["peer"] and r["mismatched_prompts"]}
     return {"config": config, "cost": cost, "groups": out, "lossless_violations": flagged,
             "verify_ratio": {k: verify_ratio(curve, k) for k in sorted(curve)} if curve else None,
             "pass_at_1": pass_at_1(rows, methods), "agreement": agreement(rows, methods) if greedy else None}
@@ -74,7 +81,7 @@ def _table(table: dict, greedy: bool) -> list[str]:
     for m, r in table.items():
         sp = r["speedup_spread"]
         qual = _f(r["exact_match_ar"], ".0%") if greedy else _f(r["mean_loglik"], ".3f")
-        name = f"{m} (HF peer on `{r['backend'] or 'torch'}`)" if r["peer"] else m
+        name = f"{m} (peer on `{r['backend'] or 'torch'}`)" if r["peer"] else m
         lines.append(
             f"| {name} | {r['new_tokens']} | {_f(r['tokens_per_s'])} | **{_f(r['speedup'])}x** | "
             f"{_f(sp['min'])} / {_f(sp['median'])} / {_f(sp['max'])} ({sp['of']}) | {_f(r['mat'])} | "

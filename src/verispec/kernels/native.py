@@ -11,7 +11,7 @@ construction). `qmm_torch` is that computation in torch (float64 matmuls of inte
 a compiler.
 
 Per-row operations, each computed by one thread for one row in a fixed order:
-- `rmsnorm`: sum of squares in 16 interleaved partial sums, then the partials added in order; y = w·(x·(1/√(ms+ε))).
+- `rmsnorm`: sum of squares in 16 interleaved partial sums, then a fixed pairwise tree; y = w·(x·(1/√(ms+ε))).
 - `silu_mul`: g / (1 + exp(−g)) · u with one exp polynomial (Cephes' expf) for every element.
 - `attention`: per (head, query row): the scores of the keys that row may see, in key order (masked keys are
   skipped, not added as zeros), softmax with the same exp, and the weighted sum of values in key order. A node of a
@@ -327,7 +327,10 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
 // Cephes' expf polynomial: the same function for every element, wherever it sits in a row or a vector.
 static inline float vs_exp(float x) {
   x = std::min(88.3762626647949f, std::max(-87.3365447504f, x));
-  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float t = x * 1.44269504088896341f + 0.5f;
+  int32_t n = (int32_t)t;  // floor(t), written so that loops over elements vectorize
+  float fx = (float)n;
+  if (fx > t) { fx = fx - 1.f; n = n - 1; }
   float r = x - fx * 0.693359375f;
   r = r - fx * (-2.12194440e-4f);
   const float r2 = r * r;
@@ -338,21 +341,29 @@ static inline float vs_exp(float x) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = (p * r2 + r) + 1.0f;
-  const int32_t n = (int32_t)fx + 127;
-  uint32_t bits = (uint32_t)n << 23;
-  float pw; std::memcpy(&pw, &bits, 4);
-  return p * pw;
+  return p * __builtin_bit_cast(float, (uint32_t)(n + 127) << 23);
 }
 
-static inline float dot16(const float* a, const float* b, int64_t n) {  // 16 interleaved partials, then in order
-  float part[16] = {};
+// 16 interleaved partial sums, then a fixed pairwise tree: the same order for every row and every path.
+static inline float dot16(const float* a, const float* b, int64_t n) {
   int64_t j = 0;
+#if defined(VS_AVX512)
+  if (n % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (; j < n; j += 16) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j)));
+    const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));  // p[l] + p[l+8]
+    const __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));        // + p[l+4]
+    const __m128 s2 = _mm_add_ps(a4, _mm_shuffle_ps(a4, a4, _MM_SHUFFLE(2, 3, 0, 1)));             // (0+1), (2+3)
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehl_ps(s2, s2)));
+  }
+#endif
+  float p[16] = {};
   for (; j + 16 <= n; j += 16)
-    for (int l = 0; l < 16; ++l) part[l] = part[l] + a[j + l] * b[j + l];
-  for (; j < n; ++j) part[j % 16] = part[j % 16] + a[j] * b[j];
-  float t = 0.f;
-  for (int l = 0; l < 16; ++l) t = t + part[l];
-  return t;
+    for (int l = 0; l < 16; ++l) p[l] = p[l] + a[j + l] * b[j + l];
+  for (; j < n; ++j) p[j % 16] = p[j % 16] + a[j] * b[j];
+  for (int l = 0; l < 8; ++l) p[l] = p[l] + p[l + 8];
+  for (int l = 0; l < 4; ++l) p[l] = p[l] + p[l + 4];
+  return (p[0] + p[1]) + (p[2] + p[3]);
 }
 
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
@@ -378,7 +389,35 @@ torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
   const float* G = g.data_ptr<float>(); const float* U = u.data_ptr<float>(); float* Y = y.data_ptr<float>();
   const int64_t n = g.numel();
   at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) Y[i] = (G[i] / (1.f + vs_exp(-G[i]))) * U[i];
+    int64_t i = i0;
+#if defined(VS_AVX512)
+    // vs_exp on 16 lanes: the same IEEE operations in the same order, so the same bits as the scalar code below
+    const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-87.3365447504f), one = _mm512_set1_ps(1.f);
+    for (; i + 16 <= i1; i += 16) {
+      const __m512 g = _mm512_loadu_ps(G + i);
+      const __m512 x = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_sub_ps(_mm512_setzero_ps(), g)));
+      const __m512 t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(0.5f));
+      __m512i nn = _mm512_cvttps_epi32(t);
+      __m512 fx = _mm512_cvtepi32_ps(nn);
+      const __mmask16 over = _mm512_cmp_ps_mask(fx, t, _CMP_GT_OQ);
+      fx = _mm512_mask_sub_ps(fx, over, fx, one);
+      nn = _mm512_mask_sub_epi32(nn, over, nn, _mm512_set1_epi32(1));
+      __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(fx, _mm512_set1_ps(0.693359375f)));
+      r = _mm512_sub_ps(r, _mm512_mul_ps(fx, _mm512_set1_ps(-2.12194440e-4f)));
+      const __m512 r2 = _mm512_mul_ps(r, r);
+      __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507E-3f));
+      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073E-3f));
+      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894E-2f));
+      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459E-1f));
+      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201E-1f));
+      p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, r2), r), one);
+      const __m512 pw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(nn, _mm512_set1_epi32(127)), 23));
+      const __m512 e = _mm512_mul_ps(p, pw);
+      _mm512_storeu_ps(Y + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(U + i)));
+    }
+#endif
+    for (; i < i1; ++i) Y[i] = (G[i] / (1.f + vs_exp(-G[i]))) * U[i];
   });
   return y;
 }
@@ -412,11 +451,12 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
         mx = std::max(mx, sc);
       }
       if (n == 0) continue;
+      for (int64_t c = 0; c < n; ++c) s[c] = vs_exp(s[c] - mx);  // elementwise (vectorizes)
       float l = 0.f;
+      for (int64_t c = 0; c < n; ++c) l = l + s[c];  // in key order
       for (int64_t d = 0; d < Dh; ++d) o[d] = 0.f;
       for (int64_t c = 0; c < n; ++c) {
-        const float e = vs_exp(s[c] - mx);
-        l = l + e;
+        const float e = s[c];
         const float* vj = vb + idx[c] * Dh;
         for (int64_t d = 0; d < Dh; ++d) o[d] = o[d] + e * vj[d];
       }
