@@ -39,10 +39,12 @@ class CachedLM:
         # same operations, none of transformers' per-call overhead, not bit-identical to it. Targets never use it.
         # A model on the gguf backend always takes that backend's NativeDecoder: bit-identical to transformers'
         # forward there (tested), so a target may use it too.
-        from verispec.backends.native import is_native
+        from verispec.backends.native import NativeDecoder, is_native
 
         self.lean = None
-        if lean or is_native(model):
+        if is_native(model):
+            self.lean = NativeDecoder(model)
+        elif lean:
             from verispec.rewrites.lean import lean_decoder
 
             self.lean = lean_decoder(model)

@@ -110,7 +110,16 @@ def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool =
             f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY)}) and not a local folder")
     resolve_backend(backend)  # an unknown name is refused before minutes of loading
     if name in REGISTRY and native_for_file(backend):
-        return _load_native(name, path, tokenizer, extra)
+        from verispec.models.store import model_dir
+
+        spec = REGISTRY[name]
+        g = model_dir(name) / spec.gguf_name
+        if auto_pull or (g.is_file() and g.stat().st_size == spec.size):
+            return _load_native(name, path, tokenizer, extra)
+        if backend == "gguf":
+            raise ModelNotFoundError(f"{name}: the gguf backend reads its GGUF file, which is not cached ({g}); "
+                                     f"load with auto_pull=True or run `verispec models pull {name}`")
+        # "auto" without the file and without pulling: the converted fp32 folder on the fp32 backend
     print(f"[verispec] loading {name}", file=sys.stderr, flush=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)

@@ -82,12 +82,8 @@ class LeanDecoder:
 
 def lean_decoder(model: nn.Module) -> LeanDecoder | None:
     """A LeanDecoder for `model` (cheap: it only holds references), or None where the model is not one it knows.
-    Build it after the model's backend is applied: it binds the layers it finds. A model on the gguf backend gets
-    that backend's own `NativeDecoder` (bit-identical to transformers' forward there)."""
-    from verispec.backends.native import NativeDecoder, is_native
-
-    if is_native(model):
-        return NativeDecoder(model)
+    Build it after the model's backend is applied: it binds the layers it finds. (A model on the gguf backend takes
+    that backend's own `NativeDecoder` instead: `verispec.cache.CachedLM`.)"""
     return LeanDecoder(model) if _supported(model) else None
 
 
