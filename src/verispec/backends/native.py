@@ -254,10 +254,6 @@ def install(model: nn.Module, linears: dict[str, NativeLinear | tuple[IntWeights
     return model
 
 
-def default_type(K: int) -> str:
-    return "Q8_0" if K % 32 == 0 else ""
-
-
 def to_native(model: nn.Module, types: dict[str, str] | None = None, default: str = "Q8_0") -> nn.Module:
     """Convert an in-process fp32 Qwen2 / Llama model in place: each linear quantized to `types[name suffix]` (e.g.
     {"down_proj": "Q6_K", "lm_head": "Q6_K"}) or `default`. Lossy with respect to the fp32 weights: the model is

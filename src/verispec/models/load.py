@@ -115,7 +115,13 @@ def load_model(source, tokenizer=None, *, dtype=torch.float32, auto_pull: bool =
         spec = REGISTRY[name]
         g = model_dir(name) / spec.gguf_name
         if auto_pull or (g.is_file() and g.stat().st_size == spec.size):
-            return _load_native(name, path, tokenizer, extra)
+            try:
+                return _load_native(name, path, tokenizer, extra)
+            except ValueError as e:  # a block type or architecture the native kernels do not cover
+                if backend == "gguf":
+                    raise
+                print(f"[verispec] {name}: the gguf backend cannot run this file ({e}); loading it on 'fast'",
+                      file=sys.stderr, flush=True)
         if backend == "gguf":
             raise ModelNotFoundError(f"{name}: the gguf backend reads its GGUF file, which is not cached ({g}); "
                                      f"load with auto_pull=True or run `verispec models pull {name}`")
