@@ -39,7 +39,11 @@ def _mm(x, p, t, N, bias=None):
 
 
 def test_a_compiled_path_runs_here():
-    """On the CI machines (x86 with a compiler) the native kernels build; the path is named in reports."""
+    """Where a C++ compiler exists the native kernels build; the path is named in reports."""
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the torch path serves (bit-identical, slower)")
     assert native.native_path() in ("avx512_vnni", "avx2", "generic")
 
 
