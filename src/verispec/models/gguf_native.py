@@ -84,7 +84,6 @@ def from_gguf(path: Path, config_dir: Path) -> torch.nn.Module:
     embedding = blocks("token_embd.weight")
     out = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     linears["lm_head"] = NativeLinear(blocks(out))
-    del tensors
     model = install(model, linears, embedding, norms)
     _trim()
     return model
