@@ -14,6 +14,7 @@ committed tokens (copied into contiguous slots, as Medusa does) and drops the re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -129,14 +130,7 @@ class CachedLM:
         chain = list(tokens[keep:])  # the pending token, plus any committed tokens the cache lacks
         m, n = len(chain), len(nodes)
         Q = m + n
-        allowed = torch.zeros(Q, keep + Q, dtype=torch.bool)  # (Q, KV) True = may attend
-        allowed[:, :keep] = True
-        allowed[:m, keep:keep + m] = torch.ones(m, m, dtype=torch.bool).tril()
-        allowed[m:, keep:keep + m] = True
-        for i, a in enumerate(parents):  # a node sees its ancestors (rows already filled) and itself
-            if a >= 0:
-                allowed[m + i, keep + m:] = allowed[m + a, keep + m:]
-            allowed[m + i, keep + m + i] = True
+        allowed = tree_allowed(keep, m, parents)  # (Q, KV)
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(1, 1, Q, keep + Q, dtype=dtype, device=self.device)  # (1, 1, Q, KV) additive
         mask.masked_fill_(~allowed.to(self.device), torch.finfo(dtype).min)
@@ -229,6 +223,34 @@ class CachedLM:
         self.forwards += 1
         self.tokens_processed += len(new)
 
+    def plan(self, tokens: Sequence[int], draft: Draft | None = None, n_logits: int = 1,
+             prefill: bool = False) -> "Segment | None":
+        """What `forward` (draft None), `score` (a draft) or `prefill` would feed, as a Segment of a ragged batched
+        forward (`run_batch`); the cache is cropped as they crop it. None when a prefill has nothing to feed."""
+        if self.cache is None:
+            self.reset()
+        if prefill:
+            keep = self.rollback(tokens)
+            new = list(tokens[keep:])
+            if not new:
+                return None
+            return Segment(self, new, list(range(keep, keep + len(new))), None, 0, call=("prefill", tokens))
+        if draft is None or draft.is_chain:
+            seq = list(tokens) + ([] if draft is None else draft.tokens)
+            n_logits = n_logits if draft is None else len(draft.tokens) + 1
+            if not 1 <= n_logits <= len(seq):
+                raise ValueError(f"n_logits={n_logits} must be in [1, {len(seq)}]")
+            keep = self.rollback(seq, limit=len(seq) - n_logits)
+            new = seq[keep:]
+            call = ("forward", tokens, n_logits) if draft is None else ("score", tokens, draft)
+            return Segment(self, new, list(range(keep, keep + len(new))), None, n_logits, call=call)
+        keep = self.rollback(tokens, limit=len(tokens) - 1)
+        chain = list(tokens[keep:])
+        nodes, parents = draft.tokens + draft.side_tokens, draft.node_parents()
+        pos = list(range(keep, keep + len(chain))) + [keep + len(chain) - 1 + d for d in draft.depths()]
+        return Segment(self, chain + nodes, pos, tree_allowed(keep, len(chain), parents), len(nodes) + 1,
+                       tree=(nodes, parents), n_chain=len(chain), call=("score", tokens, draft))
+
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         v = logits.shape[-1]
         if v == self.vocab_size:
@@ -237,3 +259,108 @@ class CachedLM:
             return logits[..., : self.vocab_size]
         pad = logits.new_full((*logits.shape[:-1], self.vocab_size - v), float("-inf"))
         return torch.cat([logits, pad], dim=-1)
+
+
+def tree_allowed(keep: int, m: int, parents: Sequence[int]) -> torch.Tensor:
+    """(m + n, keep + m + n) bool, True = may attend: `m` chain tokens after `keep` cached ones, then n tree nodes
+    (parents index the nodes, -1 = the last chain token); every node sees the prefix, its ancestors and itself."""
+    n = len(parents)
+    Q = m + n
+    allowed = torch.zeros(Q, keep + Q, dtype=torch.bool)  # (Q, KV)
+    allowed[:, :keep] = True
+    allowed[:m, keep:keep + m] = torch.ones(m, m, dtype=torch.bool).tril()
+    allowed[m:, keep:keep + m] = True
+    for i, a in enumerate(parents):  # a node sees its ancestors (rows already filled) and itself
+        if a >= 0:
+            allowed[m + i, keep + m:] = allowed[m + a, keep + m:]
+        allowed[m + i, keep + m + i] = True
+    return allowed
+
+
+@dataclass
+class Segment:
+    """One sequence's part of a ragged batched forward: `new` tokens at `positions` after the `len(lm.ids)` tokens
+    in lm's cache; `allowed` (T, P + T) bool for a tree, None for a causal chain; logits for the last `n_out` rows.
+    `tree` / `n_chain` (for a tree: its nodes and parents, and how many chain tokens precede them) are what `score`
+    records for the next rollback."""
+
+    lm: CachedLM
+    new: list[int]
+    positions: list[int]
+    allowed: torch.Tensor | None
+    n_out: int
+    tree: tuple[list[int], list[int]] | None = None
+    n_chain: int = 0
+    call: tuple = ()  # the solo call this segment stands for: (method name, *arguments)
+
+    def causal_mask(self) -> torch.Tensor:
+        P, T = len(self.lm.ids), len(self.new)
+        return self.allowed if self.allowed is not None else torch.ones(T, P + T, dtype=torch.bool).tril(P)
+
+    def done(self) -> None:
+        """The bookkeeping `forward` / `score` / `prefill` do after their forward."""
+        lm = self.lm
+        if self.tree is not None:
+            lm.ids.extend(self.new[: self.n_chain])
+            lm.tree = self.tree
+        else:
+            lm.ids.extend(self.new)
+        lm.forwards += 1
+        lm.tokens_processed += len(self.new)
+
+
+def _ragged_ok(segs: list[Segment]) -> bool:
+    """One ragged forward serves these segments only when they share the model, the output layer and a decoder
+    with a ragged forward (the native decoder: any mask; the lean one: causal chains)."""
+    first = segs[0].lm
+    dec = first.lean
+    if len(segs) < 2 or dec is None or not hasattr(dec, "ragged"):
+        return False
+    if any(s.lm.model is not first.model or s.lm.head is not first.head for s in segs):
+        return False
+    return getattr(dec, "trees", False) or all(s.allowed is None for s in segs)
+
+
+@torch.inference_mode()
+def run_batch(segs: list[Segment]) -> list[torch.Tensor | None]:
+    """Feed every segment in one ragged forward (one matrix of all rows for the linear layers, attention per
+    sequence over its own cache); return each segment's (n_out, V) logits (None where n_out = 0).
+
+    On the gguf backend every row is computed by per-row code, so each segment's logits and KV entries are
+    bit-identical to its own solo `forward` / `score` / `prefill` (tested). Models without a ragged decoder run
+    the segments one by one, exactly as solo calls would."""
+    if not segs:
+        return []
+    if not _ragged_ok(segs):
+        # The plan already cropped each cache; the solo call crops to the same prefix and feeds exactly s.new.
+        return [getattr(s.lm, s.call[0])(*s.call[1:]) for s in segs]
+    lm0 = segs[0].lm
+    hidden = lm0.lean.ragged(segs)  # (sum n_out, H)
+    head = lm0.head if lm0.head is not None else lm0.model.get_output_embeddings()
+    logits = head(hidden) if hidden.shape[0] else None  # (sum n_out, V)
+    out, at = [], 0
+    for s in segs:
+        s.done()
+        if s.n_out:
+            out.append(s.lm._fit_vocab(logits[at: at + s.n_out]))
+            at += s.n_out
+        else:
+            out.append(None)
+    return out
+
+
+def score_batch(lms: Sequence[CachedLM], token_lists: Sequence[Sequence[int]], drafts: Sequence[Draft]
+                ) -> list[torch.Tensor]:
+    """`lm.score(tokens, draft)` for every sequence, in one ragged forward where the model allows it."""
+    return run_batch([lm.plan(t, d) for lm, t, d in zip(lms, token_lists, drafts)])
+
+
+def forward_batch(lms: Sequence[CachedLM], token_lists: Sequence[Sequence[int]], n_logits: int = 1
+                  ) -> list[torch.Tensor]:
+    """`lm.forward(tokens, n_logits)` for every sequence, in one ragged forward where the model allows it."""
+    return run_batch([lm.plan(t, n_logits=n_logits) for lm, t in zip(lms, token_lists)])
+
+
+def prefill_batch(lms: Sequence[CachedLM], token_lists: Sequence[Sequence[int]]) -> None:
+    """`lm.prefill(tokens)` for every sequence, in one ragged forward where the model allows it."""
+    run_batch([s for s in (lm.plan(t, prefill=True) for lm, t in zip(lms, token_lists)) if s is not None])

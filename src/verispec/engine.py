@@ -38,33 +38,48 @@ def decode(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, pr
         draft = drafter.propose(tokens, min(policy.next_gamma(), budget - 1), policy, sampling, generator)
         t1 = time.perf_counter()
         logits = target.score(tokens, draft)  # (1 + K + S, V): pending token, K draft nodes, S side nodes
-        p = sampling.probs(logits[: len(draft.tokens) + 1])  # (K+1, V)
-        result = verifier.verify(draft, p, generator)
-        t2 = time.perf_counter()
-        new = result.emitted(draft)[:budget]
-        hit = next((i for i, t in enumerate(new) if t in stop_ids), None)
-        if hit is not None:
-            new = new[: hit + 1]
-        tokens.extend(new)
-        target.rollback(tokens)  # the target cache keeps only committed tokens
-        if draft.side_tokens:
-            drafter.observe(draft, logits[len(draft.tokens) + 1:])  # (S, V)
-        drafter.commit(tokens, draft, result)
-        policy.update(draft, result)
-        t3 = time.perf_counter()
-        policy.observe_costs(draft, t1 - t0, t2 - t1, t3 - t2)  # measured costs, for the next rounds' choices
-        stats.steps.append(StepStats(len(draft), result.accepted, result.kind, len(new), t1 - t0, t2 - t1,
-                                     t3 - t2, draft.source, policy.record(), nodes=len(draft.tokens)))
-        if hit is not None:
+        if settle(target, drafter, verifier, policy, tokens, draft, logits, budget, sampling, stop_ids, generator,
+                  stats, t0, t1):
             stop_reason = "stop_token"
             break
+    finish(stats, target, drafter, len(prompt), len(tokens), stop_reason, t_start)
+    return tokens[len(prompt):], stats
+
+
+def settle(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, tokens: list[int], draft,
+           logits: torch.Tensor, budget: int, sampling: Sampling, stop_ids: frozenset[int],
+           generator: torch.Generator | None, stats: GenerationStats, t0: float, t1: float) -> bool:
+    """Verify one scored round, commit its tokens to `tokens`, roll both caches back, tell drafter and policy,
+    record the step; True when a stop token was emitted. (The batched engine settles each sequence with this.)"""
+    p = sampling.probs(logits[: len(draft.tokens) + 1])  # (K+1, V)
+    result = verifier.verify(draft, p, generator)
+    t2 = time.perf_counter()
+    new = result.emitted(draft)[:budget]
+    hit = next((i for i, t in enumerate(new) if t in stop_ids), None)
+    if hit is not None:
+        new = new[: hit + 1]
+    tokens.extend(new)
+    target.rollback(tokens)  # the target cache keeps only committed tokens
+    if draft.side_tokens:
+        drafter.observe(draft, logits[len(draft.tokens) + 1:])  # (S, V)
+    drafter.commit(tokens, draft, result)
+    policy.update(draft, result)
+    t3 = time.perf_counter()
+    policy.observe_costs(draft, t1 - t0, t2 - t1, t3 - t2)  # measured costs, for the next rounds' choices
+    stats.steps.append(StepStats(len(draft), result.accepted, result.kind, len(new), t1 - t0, t2 - t1,
+                                 t3 - t2, draft.source, policy.record(), nodes=len(draft.tokens)))
+    return hit is not None
+
+
+def finish(stats: GenerationStats, target: CachedLM, drafter: Drafter, n_prompt: int, n_tokens: int,
+           stop_reason: str, t_start: float) -> None:
+    """The generation's totals, from the forward counters."""
     stats.t_total = time.perf_counter() - t_start
-    stats.new_tokens = len(tokens) - len(prompt)
-    stats.target_prefill_forwards = 1 if len(prompt) > 1 else 0
+    stats.new_tokens = n_tokens - n_prompt
+    stats.target_prefill_forwards = 1 if n_prompt > 1 else 0
     stats.target_forwards = target.forwards - stats.target_prefill_forwards
     stats.target_tokens_processed = target.tokens_processed
     stats.drafter_forwards = drafter.forwards
     stats.drafter_prefill_forwards = drafter.prefill_forwards
     stats.drafter_tokens_processed = drafter.tokens_processed
     stats.stop_reason = stop_reason
-    return tokens[len(prompt):], stats

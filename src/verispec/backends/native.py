@@ -295,6 +295,8 @@ class NativeDecoder:
     (`tests/test_native.py`) — which is why a target may use it, unlike `verispec.rewrites.lean` (fp32 rounding
     differences). Causal chains on a plain DynamicCache; trees keep transformers' forward (same bits there too)."""
 
+    trees = True  # `ragged` takes tree segments too (the attention kernel reads any mask per row)
+
     def __init__(self, model: nn.Module):
         body = model.get_decoder()
         self.embed, self.layers, self.norm, self.rotary = body.embed_tokens, list(body.layers), body.norm, body.rotary_emb
@@ -321,3 +323,35 @@ class NativeDecoder:
             x = x + attn.o_proj(o.reshape(1, T, -1).contiguous())
             x = x + mlp(layer.post_attention_layernorm(x))
         return self.norm(x[0, -n_last:])  # (n_last, H)
+
+    @torch.inference_mode()
+    def ragged(self, segs) -> torch.Tensor:
+        """Several sequences in one forward (`verispec.cache.Segment`s: new tokens, positions, mask, each on its own
+        cache): the linear layers, norms and MLP run once over all rows stacked, attention per sequence. Every
+        kernel here is per row, so each row's bits equal those of its solo forward. Returns the final-norm hidden
+        states of each segment's last n_out rows, stacked: (sum n_out, H)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        spans, at = [], 0
+        for s in segs:
+            spans.append((at, at + len(s.new), s.causal_mask().unsqueeze(0)))  # mask (1, T, P + T)
+            at += len(s.new)
+        N = at
+        x = self.embed(torch.tensor([t for s in segs for t in s.new], dtype=torch.long))  # (N, H)
+        cos, sin = self.rotary(x, torch.tensor([[p for s in segs for p in s.positions]]))  # (1, N, hd) each
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = layer.input_layernorm(x)
+            shape = (1, N, -1, attn.head_dim)
+            q = attn.q_proj(h).view(shape).transpose(1, 2)  # (1, nh, N, hd)
+            k = attn.k_proj(h).view(shape).transpose(1, 2)  # (1, nkv, N, hd)
+            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            o = []
+            for s, (a, b, allowed) in zip(segs, spans):
+                ks, vs = s.lm.cache.update(k[:, :, a:b], v[:, :, a:b], i)  # (1, nkv, P + T, hd)
+                o.append(native.attention(q[:, :, a:b], ks, vs, allowed, attn.scaling))  # (1, T, nh, hd)
+            x = x + attn.o_proj(torch.cat(o, 1).reshape(N, -1))  # (N, H)
+            x = x + mlp(layer.post_attention_layernorm(x))
+        rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
+        return self.norm(x[rows])  # (sum n_out, H)

@@ -35,6 +35,20 @@ class Drafter:
     def commit(self, tokens: list[int], draft: Draft, result: VerifyResult) -> None:
         """Called after the round with the committed tokens (prompt + all output so far)."""
 
+    # The batched engine (`verispec.batch`) calls these class methods with every running sequence's drafter of
+    # this class. The defaults loop; a drafter whose work is a model forward overrides them to share one forward.
+    @classmethod
+    def prefill_batch(cls, drafters: list["Drafter"], token_lists: list[list[int]]) -> None:
+        for d, tokens in zip(drafters, token_lists):
+            d.prefill(tokens)
+
+    @classmethod
+    def propose_batch(cls, drafters: list["Drafter"], token_lists: list[list[int]], gammas: list[int],
+                      policies: list[DraftPolicy], samplings: list[Sampling],
+                      generators: list[torch.Generator | None]) -> list[Draft]:
+        return [d.propose(t, g, p, s, r) for d, t, g, p, s, r in zip(drafters, token_lists, gammas, policies,
+                                                                     samplings, generators)]
+
 
 class ModelDrafter(Drafter):
     """A drafter that runs a draft model through `self.lm` (a CachedLM): its forward counters, prefill and the
@@ -54,6 +68,18 @@ class ModelDrafter(Drafter):
         self.lm.reset()
         self.lm.prefill(tokens[:-1])
         self.prefill_forwards = self.lm.forwards
+
+    @classmethod
+    def prefill_batch(cls, drafters, token_lists):
+        from verispec.cache import prefill_batch
+
+        if cls.prefill is not ModelDrafter.prefill:  # a subclass with its own prefill keeps it
+            return super().prefill_batch(drafters, token_lists)
+        for d in drafters:
+            d.lm.reset()
+        prefill_batch([d.lm for d in drafters], [t[:-1] for t in token_lists])
+        for d in drafters:
+            d.prefill_forwards = d.lm.forwards
 
     def commit(self, tokens, draft, result):
         self.lm.rollback(tokens)
@@ -76,9 +102,15 @@ def bounded_chain(steps: Iterator[Step], gamma: int, policy: DraftPolicy, stop_i
         x.append(t)
         if q is not None:
             qs.append(q)
-        if t in stop_ids or not policy.keep_drafting(i, q, logits):
+        if not chain_goes_on(i, t, q, logits, policy, stop_ids):
             break
     return x, qs
+
+
+def chain_goes_on(i: int, t: int, q, logits, policy: DraftPolicy, stop_ids: frozenset[int]) -> bool:
+    """After draft token i (t, drawn from q): may the chain go on (γ aside)? Not after a stop token, nor when the
+    policy says stop (its keep_drafting is asked at every step, as `bounded_chain` asks it)."""
+    return t not in stop_ids and policy.keep_drafting(i, q, logits)
 
 
 class NoDrafter(Drafter):

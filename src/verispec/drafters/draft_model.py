@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from verispec.cache import CachedLM
-from verispec.drafters.base import ModelDrafter, bounded_chain
+from verispec.drafters.base import ModelDrafter, bounded_chain, chain_goes_on
 from verispec.sampling import sample
 from verispec.types import Draft
 from verispec.validate import check_int
@@ -44,6 +44,29 @@ class DraftModelDrafter(ModelDrafter):
 
         x, qs = bounded_chain(steps(), gamma, policy, self.stop_ids)
         return Draft(x, torch.stack(qs) if qs else None, self.name)  # q: (K, V)
+
+    @classmethod
+    def propose_batch(cls, drafters, token_lists, gammas, policies, samplings, generators) -> list[Draft]:
+        """`propose` for several sequences, their draft steps sharing one ragged drafter forward each (the draft
+        cost per round then grows with the batch far less than B sequential forwards). Each sequence draws from
+        its own generator and stops by the same rule as `bounded_chain`."""
+        from verispec.cache import forward_batch
+
+        xs: list[list[int]] = [[] for _ in drafters]
+        qs: list[list[torch.Tensor]] = [[] for _ in drafters]
+        live = [j for j, g in enumerate(gammas) if g > 0]
+        while live:
+            logits = forward_batch([drafters[j].lm for j in live], [token_lists[j] + xs[j] for j in live])
+            going = []
+            for j, l in zip(live, logits):  # l: (1, V)
+                q_i = samplings[j].probs(l)[0]  # (V,) exactly the law x_i is drawn from
+                xs[j].append(sample(q_i, generators[j]))
+                qs[j].append(q_i)
+                i = len(xs[j]) - 1
+                if chain_goes_on(i, xs[j][-1], q_i, l[0], policies[j], drafters[j].stop_ids) and i + 1 < gammas[j]:
+                    going.append(j)
+            live = going
+        return [Draft(x, torch.stack(q) if q else None, cls.name) for x, q in zip(xs, qs)]  # q: (K, V)
 
 
 

@@ -80,6 +80,41 @@ class LeanDecoder:
         return self.norm(x[0, -n_last:])  # (n_last, H)
 
 
+    @torch.inference_mode()
+    def ragged(self, segs) -> torch.Tensor:
+        """Several causal chains (`verispec.cache.Segment`s, each on its own cache) in one forward: the linear
+        layers over all rows stacked, attention per sequence. A drafter's batched draft step; its rounding may
+        differ from the solo forward's (kernels see more rows), which changes only which drafts are accepted.
+        Returns the final-norm hidden states of each segment's last n_out rows, stacked: (sum n_out, H)."""
+        spans, at = [], 0
+        for s in segs:
+            T, P = len(s.new), len(s.lm.ids)
+            spans.append((at, at + T, None if T == 1 else torch.ones(T, P + T, dtype=torch.bool).tril(P)))
+            at += T
+        N = at
+        x = self.embed(torch.tensor([[t for s in segs for t in s.new]], dtype=torch.long))  # (1, N, H)
+        cos, sin = self.rotary(x, torch.tensor([[p for s in segs for p in s.positions]]))  # (1, N, hd) each
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, N, hd)
+        for i, (ln1, ln2, attn, mlp, qkv, gate_up) in enumerate(self.blocks):
+            hd = attn.head_dim
+            q, k, v = qkv(ln1(x))  # (1, N, nh * hd), (1, N, nkv * hd) x 2
+            q = q.reshape(1, N, -1, hd).transpose(1, 2)  # (1, nh, N, hd)
+            k = k.reshape(1, N, -1, hd).transpose(1, 2)  # (1, nkv, N, hd)
+            v = v.reshape(1, N, -1, hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            o = []
+            for s, (a, b, mask) in zip(segs, spans):
+                ks, vs = s.lm.cache.update(k[:, :, a:b], v[:, :, a:b], i)  # (1, nkv, P + T, hd)
+                o.append(F.scaled_dot_product_attention(q[:, :, a:b], ks, vs, attn_mask=mask, scale=attn.scaling,
+                                                        enable_gqa=q.shape[1] != ks.shape[1]))  # (1, nh, T, hd)
+            x = x + attn.o_proj(torch.cat(o, 2).transpose(1, 2).reshape(1, N, -1))  # (1, N, H)
+            gate, up = gate_up(ln2(x))  # (1, N, I) each
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)  # (1, N, H)
+        rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
+        return self.norm(x[0, rows])  # (sum n_out, H)
+
+
 def lean_decoder(model: nn.Module) -> LeanDecoder | None:
     """A LeanDecoder for `model` (cheap: it only holds references), or None where the model is not one it knows.
     Build it after the model's backend is applied: it binds the layers it finds. (A model on the gguf backend takes
