@@ -112,8 +112,9 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
 
     draft_model = None
     if m.kind == "baseline":
-        ids, stats = m.load()(target.model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=target.stop_ids,
-                              **options)
+        extra = {"sampling": sampling} if m.loaded_model else {}  # sot-lossy: needs the tokenizer, may sample
+        ids, stats = m.load()(target if m.loaded_model else target.model, prompt_ids, max_new_tokens=max_new_tokens,
+                              stop_ids=target.stop_ids, **extra, **options)
     else:
         if m.needs_draft_model:
             if drafter is None:

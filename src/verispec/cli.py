@@ -24,6 +24,9 @@ BENCH_EXAMPLES = """examples:
   verispec bench --methods ar,sd,hf-assisted,hf-pld --dataset humaneval,nl,code-edit --num-prompts 5
   verispec bench --target ./target --drafter ./drafter --dataset prompts.jsonl --out runs/mine
   verispec report runs/bench      # re-render from prompts.jsonl without running models
+  verispec bench --concurrency 1,2,4,8 --methods ar,sd --prompts 16 --max-new-tokens 64
+  verispec bench --concurrency 1,2,4 --server http://127.0.0.1:8000 --prompts 8
+  verispec bench --sot --dataset summarize --num-prompts 5 --max-new-tokens 192    # sot-lossy (lossy) vs AR
 """
 
 
@@ -121,9 +124,21 @@ def cmd_generate(a) -> int:
 def cmd_bench(a) -> int:
     from pathlib import Path
 
+    if a.concurrency is not None and a.sot:
+        raise ValueError("--concurrency and --sot are separate modes: run them one at a time")
+    if a.server is not None and a.concurrency is None:
+        raise ValueError("--server drives the --concurrency mode: add --concurrency 1,2,4,8")
+    if a.concurrency is not None:
+        return _bench_concurrency(a)
+    if a.sot:
+        return _bench_sot(a)
+    if any(m.split(":", 1)[0].strip() == "sot-lossy" for m in a.methods.split(",")):
+        raise ValueError("sot-lossy is lossy and answers questions, not completions: compare it with AR by "
+                         "`verispec bench --sot` (the normal bench would flag every prompt as a lossless violation)")
     from verispec.bench.runner import run_bench
 
-    summary = run_bench(a.target, a.drafter, a.methods, a.dataset, a.num_prompts, a.max_new_tokens, a.gamma,
+    n = 3 if a.num_prompts is None else a.num_prompts
+    summary = run_bench(a.target, a.drafter, a.methods, a.dataset, n, a.max_new_tokens, a.gamma,
                         _sampling(a), a.out, seed=a.seed, warmup=not a.no_warmup, repeats=a.repeats,
                         cost_model=not a.no_cost_model, resume=a.resume, backend=a.backend,
                         drafter_backend=a.drafter_backend,
@@ -132,6 +147,41 @@ def cmd_bench(a) -> int:
     print((Path(a.out) / "report.md").read_text())
     print(f"written: {a.out}/report.md, summary.json, prompts.jsonl, plots/")
     return 3 if summary["lossless_violations"] else 0
+
+
+def _bench_concurrency(a) -> int:
+    from pathlib import Path
+
+    from verispec.bench import concurrency
+
+    if a.server is not None:
+        s = concurrency.run_server_concurrency(a.server, a.concurrency, a.dataset, a.num_prompts, a.max_new_tokens,
+                                               _sampling(a), a.out, seed=a.seed, warmup=not a.no_warmup,
+                                               model=a.server_model)
+        stem = "concurrency-server"
+    else:
+        s = concurrency.run_concurrency(a.target, a.drafter, a.methods, a.concurrency, a.dataset, a.num_prompts,
+                                        a.max_new_tokens, a.gamma, _sampling(a), a.out, seed=a.seed,
+                                        warmup=not a.no_warmup, backend=a.backend, drafter_backend=a.drafter_backend)
+        stem = "concurrency"
+    print((Path(a.out) / f"{stem}.md").read_text())
+    print(f"written: {a.out}/{stem}.md, {stem}.json, plots/{stem}.png")
+    return 3 if s["identity_violations"] else 0
+
+
+def _bench_sot(a) -> int:
+    from pathlib import Path
+
+    from verispec.bench.sotbench import run_sot_bench
+
+    n = 3 if a.num_prompts is None else a.num_prompts
+    run_sot_bench(a.target, a.drafter, a.dataset, n, a.max_new_tokens, _sampling(a), a.out, seed=a.seed,
+                  warmup=not a.no_warmup, backend=a.backend, drafter_backend=a.drafter_backend,
+                  method=a.sot_method, skeleton_tokens=a.sot_skeleton_tokens, point_tokens=a.sot_point_tokens,
+                  max_points=a.sot_points)
+    print((Path(a.out) / "sot.md").read_text())
+    print(f"written: {a.out}/sot.md, sot.json (sot-lossy is lossy: it changes the output)")
+    return 0
 
 
 def cmd_report(a) -> int:
@@ -249,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {_names(METHODS)}; parameters after colons, e.g. "
                         "ar,sd,sd:gamma=8,sd:policy=egag:gamma_max=8,hf-assisted (ar is always included)")
     b.add_argument("--dataset", default="humaneval", help="humaneval or a .jsonl file of {'prompt': ...}")
-    b.add_argument("--num-prompts", type=int, default=3, help="per dataset (seeded random subset)")
+    b.add_argument("--num-prompts", "--prompts", type=int, default=None,
+                   help="per dataset (seeded random subset; default 3, with --concurrency twice the largest N)")
     b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--gamma", type=int, default=4, help="default γ for methods that draft (sd:gamma=6 overrides)")
     b.add_argument("--repeats", type=int, default=1, help="time the whole prompt set this many times")
@@ -265,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not run generated code: HumanEval pass@1 runs each code completion with its tests in "
                         "a fresh `python -I` in a temp dir, with a timeout and no network where `unshare` allows; "
                         "not a sandbox")
+    c = b.add_argument_group("concurrency mode (instead of the usual bench)")
+    c.add_argument("--concurrency", metavar="N,N,...",
+                   help="e.g. 1,2,4,8: for every method of --methods and every N, N concurrent streams through the "
+                        "batched engine (closed loop over the prompt set): total and per-stream tok/s, TTFT, ITL, "
+                        "target forwards per token, identity with N = 1; writes concurrency.md / .json / "
+                        "plots/concurrency.png into --out")
+    c.add_argument("--server", metavar="URL", help="with --concurrency: drive a running OpenAI-compatible server at "
+                                                   "URL (its /v1 API) with the `openai` client instead")
+    c.add_argument("--server-model", help="the model name to ask the server for (default: the first it lists)")
+    s = b.add_argument_group("Skeleton-of-Thought mode (sot-lossy, LOSSY; instead of the usual bench)")
+    s.add_argument("--sot", action="store_true", help="sot-lossy vs AR on the same prompts: latency, and chrF and "
+                                                      "length against AR's answer; writes sot.md / sot.json")
+    s.add_argument("--sot-method", default="ar", help="engine method of the SoT stages (ar, or sd with --drafter)")
+    s.add_argument("--sot-points", type=int, default=8, help="most skeleton points (default 8)")
+    s.add_argument("--sot-skeleton-tokens", type=int, default=64)
+    s.add_argument("--sot-point-tokens", type=int, default=48)
     _add_sampling(b)
     b.set_defaults(func=cmd_bench)
 

@@ -30,7 +30,8 @@ class Method:
 
     kind: "speculative" (drafts, then verifies with the target: the engine loop), "baseline" (a different decoding
     rule on the target alone, e.g. beam search) or "peer" (another engine's own generation, benchmark only).
-    build: for speculative methods a factory `(ctx) -> Drafter`; for baselines a function of the target;
+    build: for speculative methods a factory `(ctx) -> Drafter`; for baselines a function of the target (its module;
+    with loaded_model=True the LoadedModel, tokenizer included, and a `sampling=` keyword);
     for peers the benchmark's runner. lossless: keeps the target's distribution exactly (greedy: AR's tokens).
     """
 
@@ -44,6 +45,7 @@ class Method:
     needs_training: bool = False
     tree: bool = False  # may propose token trees
     lossless: bool = True
+    loaded_model: bool = False  # a baseline called with the LoadedModel (tokenizer included) and the sampling
 
     def load(self):
         return _resolve(self.build)
@@ -96,6 +98,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("beam", "baseline", "verispec.beam:beam_search",
            "beam search on the target (a different decoding rule, not speculative)",
            options=("num_beams", "length_penalty"), lossless=False),
+    # Lossy by construction (it writes another answer than the target's): named "-lossy", never compared with AR for
+    # losslessness; `verispec bench --sot` reports its latency and its similarity to AR's answer.
+    Method("sot-lossy", "baseline", "verispec.sot:run_sot",
+           "Skeleton-of-Thought, LOSSY: an outline of short points, then every point written out in one batch on "
+           "the batched engine", "Ning et al. 2024", options=("skeleton_tokens", "point_tokens", "max_points"),
+           lossless=False, loaded_model=True),
     Method("hf-ar", "peer", "verispec.bench.peers:run_hf", "transformers' own generate(), plain decoding",
            options=PEER_OPTIONS),
     Method("hf-assisted", "peer", "verispec.bench.peers:run_hf",
