@@ -107,6 +107,25 @@ static void quantize_acts(const float* x, int64_t M, int64_t K, int64_t SB, int6
   }
 }
 
+#if defined(VS_AVX512)
+// A full pass of RB activation rows over one group: RB independent vpdpbusd chains, everything unrolled at compile
+// time so the codes and accumulators stay in registers.
+template <int RB, int STEPS>
+static inline void full_pass(__m512i* A, const __m512i* qv, __m512i scv, const int8_t* x0, int64_t K) {
+  __m512i I[RB];
+  for (int r = 0; r < RB; ++r) I[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int s = 0; s < STEPS; ++s) {
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      int32_t a; std::memcpy(&a, x0 + r * K + 4 * s, 4);
+      I[r] = _mm512_dpbusd_epi32(I[r], qv[s], _mm512_set1_epi32(a));
+    }
+  }
+  for (int r = 0; r < RB; ++r) A[r] = _mm512_add_epi32(A[r], _mm512_mullo_epi32(I[r], scv));
+}
+#endif
+
 // y (M, N) = x (M, K) times packed integer weights (see verispec.kernels.ggml_blocks.pack).
 torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Tensor mn, torch::Tensor D,
                   torch::Tensor Dm, int64_t N, int64_t SB, int64_t GS, int64_t bits, double mn_scale_d,
@@ -176,14 +195,28 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
               for (int64_t s = 0; s < steps; ++s) qv[s] = _mm512_loadu_si512(wp + 64 * s);
             }
             const __m512i scv = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(SC + bg * 16)));
-            for (int64_t r = 0; r < R; ++r) {
-              const int8_t* xr = xq.data() + (r0 + r) * K + g * GS;
-              __m512i I = _mm512_setzero_si512();
-              for (int64_t s = 0; s < steps; ++s) {
-                int32_t a; std::memcpy(&a, xr + 4 * s, 4);
-                I = _mm512_dpbusd_epi32(I, qv[s], _mm512_set1_epi32(a));
+            // Independent accumulation chains hide vpdpbusd's latency (one chain per row of a full pass; two per row
+            // otherwise). Integer sums are exact in any order, so the result is the same bits.
+            const int8_t* x0 = xq.data() + r0 * K + g * GS;
+            if (R == RB && steps == 8) {
+              full_pass<RB, 8>(A, qv, scv, x0, K);
+            } else if (R == RB && steps == 4) {
+              full_pass<RB, 4>(A, qv, scv, x0, K);
+            } else {
+              for (int64_t r = 0; r < R; ++r) {
+                const int8_t* xr = x0 + r * K;
+                __m512i I0 = _mm512_setzero_si512(), I1 = _mm512_setzero_si512();
+                for (int64_t s = 0; s + 1 < steps; s += 2) {
+                  int32_t a, b2; std::memcpy(&a, xr + 4 * s, 4); std::memcpy(&b2, xr + 4 * s + 4, 4);
+                  I0 = _mm512_dpbusd_epi32(I0, qv[s], _mm512_set1_epi32(a));
+                  I1 = _mm512_dpbusd_epi32(I1, qv[s + 1], _mm512_set1_epi32(b2));
+                }
+                if (steps % 2) {
+                  int32_t a; std::memcpy(&a, xr + 4 * (steps - 1), 4);
+                  I0 = _mm512_dpbusd_epi32(I0, qv[steps - 1], _mm512_set1_epi32(a));
+                }
+                A[r] = _mm512_add_epi32(A[r], _mm512_mullo_epi32(_mm512_add_epi32(I0, I1), scv));
               }
-              A[r] = _mm512_add_epi32(A[r], _mm512_mullo_epi32(I, scv));
             }
           }
           const int64_t bs = (b * NS + S) * 16, g0 = S * GPS;
@@ -654,7 +687,7 @@ def self_test(mod) -> bool:
             w = decode(name, quantize(W, name), K)
             p = pack(w)
             bias = torch.randn(37, generator=g)
-            for M in (1, 5):
+            for M in (1, 5, 9):  # 9: a full 8-row pass and a remainder
                 x = torch.randn(M, K, generator=g) * 3
                 got = mod.qmm(x, p["q"], p["sc"], p["mn"], p["D"], p["Dm"], 37, t.SB, t.GS, t.bits,
                               t.mn_scale, bias)
