@@ -1,10 +1,11 @@
-"""Command line: `verispec models ...`, `verispec generate ...`, `verispec bench ...`. Heavy imports stay inside
-the subcommands so `--help` is instant."""
+"""Command line: `verispec models ...`, `verispec generate ...`, `verispec bench ...`, `verispec serve ...`. Heavy
+imports stay inside the subcommands so `--help` is instant."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 GENERATE_EXAMPLES = """examples:
@@ -147,6 +148,33 @@ def cmd_bench(a) -> int:
     print((Path(a.out) / "report.md").read_text())
     print(f"written: {a.out}/report.md, summary.json, prompts.jsonl, plots/")
     return 3 if summary["lossless_violations"] else 0
+
+
+SERVE_EXAMPLES = """examples:
+  verispec serve                                   # the bench pair on http://127.0.0.1:8000/v1 (loopback only)
+  verispec serve qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b --gamma 6 --max-batch 16 --port 8080
+  verispec serve ./my-hf-model --drafter none --method pld --option max_n=3
+  VERISPEC_API_KEY=secret verispec serve --host 0.0.0.0    # other hosts: set a key
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "qwen2.5-coder-1.5b", "prompt": "def fib(n):", "max_tokens": 64, "temperature": 0}'
+"""
+
+
+def cmd_serve(a) -> int:
+    from verispec.batch import BatchEngine
+    from verispec.serve import create_app, run
+
+    drafter = None if a.drafter is None or a.drafter.lower() == "none" else a.drafter
+    engine = BatchEngine(a.target, drafter, method=a.method, gamma=a.gamma, policy=a.policy, backend=a.backend,
+                         drafter_backend=a.drafter_backend, max_batch=a.max_batch, **_options(a.option))
+    app = create_app(engine, model_name=a.model_name or a.target, api_key=a.api_key, max_queue=a.max_queue)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and a.api_key is None:
+        print(f"verispec: warning: serving on {a.host} without an API key (--api-key or VERISPEC_API_KEY)",
+              file=sys.stderr)
+    print(f"verispec: serving {a.model_name or a.target} (method {engine.defaults['method']}, max batch "
+          f"{engine.max_batch}) on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
+    run(app, a.host, a.port, grace=a.shutdown_grace)
+    return 0
 
 
 def _bench_concurrency(a) -> int:
@@ -334,6 +362,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sot-point-tokens", type=int, default=48)
     _add_sampling(b)
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                                      "/metrics) on the batched engine", epilog=SERVE_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sv.add_argument("target", nargs="?", default="qwen2.5-coder-1.5b",
+                    help="registry name or local HF model folder (default qwen2.5-coder-1.5b, as bench)")
+    sv.add_argument("--drafter", default="qwen2.5-coder-0.5b",
+                    help="draft model for sd-style methods (default qwen2.5-coder-0.5b, as bench); `none` for none")
+    sv.add_argument("--method", help="the default method for requests (default: sd with a drafter, else ar); a "
+                                     "request may choose another with {\"verispec\": {\"method\": ...}}")
+    sv.add_argument("--gamma", type=int, default=4, help="draft tokens per verify round (default 4)")
+    sv.add_argument("--policy", help=f"draft-length policy: {_names(POLICIES)} (default fixed)")
+    sv.add_argument("--option", action="append", metavar="KEY=VALUE", help="method or policy option, repeatable")
+    sv.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
+    sv.add_argument("--drafter-backend", help=DRAFTER_BACKEND_HELP)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=os.environ.get("VERISPEC_API_KEY"),
+                    help="require `Authorization: Bearer KEY` on /v1/* (default: $VERISPEC_API_KEY, else none)")
+    sv.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: TARGET)")
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences running at once (default 8)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for a slot beyond which new ones get 429 (default 64)")
+    sv.add_argument("--shutdown-grace", type=float, default=30.0,
+                    help="on SIGTERM, seconds running requests may finish before they are cancelled (default 30)")
+    sv.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("report", help="re-render a bench directory from its prompts.jsonl (no models needed)")
     r.add_argument("dir")
