@@ -93,6 +93,11 @@ class Stream:
     def done(self) -> bool:
         return self.state == "done"
 
+    @property
+    def started(self) -> bool:
+        """Whether it ever ran (was prefilled): a stream cancelled while waiting never did."""
+        return self._t_start > 0
+
 
 class BatchEngine:
     """Serve many generations at once on one loaded target (and drafter), each lossless on its own.
@@ -100,7 +105,8 @@ class BatchEngine:
     target / drafter: names, paths or loaded models (as `verispec.generate` takes them). method / gamma / policy /
     verifier / options: the defaults for requests that do not choose. max_batch: the most sequences running at
     once; more wait in a queue (its length is `waiting`). Thread-safe: `submit` and `cancel` may be called from
-    any thread while one thread calls `step` (the server's worker).
+    any thread while one thread calls `step` (the server's worker). Two engines on the same model objects must not
+    step at the same time (the native backend grows shared tables, e.g. the rotary one, on first use).
     """
 
     def __init__(self, target, drafter=None, *, method: str | None = None, gamma: int = 4, policy: str | None = None,
@@ -265,7 +271,9 @@ class BatchEngine:
             except Exception as e:  # noqa: BLE001
                 self._end(s, "error", f"{type(e).__name__}: {e}")
                 continue
-            if hit or go_on is False:
+            if s._cancel:  # cancelled while this round ran (a client that left): say so, not "stop"
+                self._end(s, "cancelled")
+            elif hit or go_on is False:
                 self._end(s, "stop")
             elif len(s.output_ids) >= s.request.max_new_tokens:
                 self._end(s, "length")

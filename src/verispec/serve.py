@@ -209,7 +209,8 @@ class _Metrics:
         self.num_accepted.inc(m["num_accepted_draft_tokens"])
         for i, a in enumerate(m["acceptance_by_position"]):
             self.accepted_per_pos.labels(position=str(i)).inc(a)
-        self.prompt_tokens.inc(len(stream.prompt_ids))
+        if stream.started:  # a request cancelled while it waited never had its prompt processed
+            self.prompt_tokens.inc(len(stream.prompt_ids))
         self.generation_tokens.inc(len(stream.output_ids))
         self.request_success.labels(finish_reason=finish_reason or stream.finish_reason).inc()
         if stream.t_done is not None:
