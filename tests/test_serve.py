@@ -5,6 +5,7 @@ the batch, so every greedy answer must equal `verispec.generate`'s solo run toke
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import json
 import threading
@@ -15,6 +16,7 @@ import httpx2
 import openai
 import pytest
 import torch
+from transformers import DynamicCache
 from prometheus_client.parser import text_string_to_metric_families
 
 import verispec
@@ -485,6 +487,8 @@ def test_loadtest(live, pair):
         return s
 
     engine.submit = submit
+    gc.collect()
+    caches_before = sum(isinstance(o, DynamicCache) for o in gc.get_objects())
     try:
         report = lt.run(live.url + "/v1", model=NAME, clients=64,
                         solo=lambda prompt, n, method: solo(pair, prompt, n, method=method))
@@ -495,3 +499,6 @@ def test_loadtest(live, pair):
     wait_idle(live)
     assert streams and all(s.done and s.lm.cache is None for s in streams)
     assert not engine.running and engine.waiting == 0
+    del streams[:]
+    gc.collect()  # memory back to its baseline: no KV cache of the 64 streams is still alive anywhere
+    assert sum(isinstance(o, DynamicCache) for o in gc.get_objects()) <= caches_before
