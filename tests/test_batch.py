@@ -202,3 +202,26 @@ def test_a_cancelled_or_failing_stream_ends_alone(native_pair):
     solo = verispec.generate(t, PROMPTS[3], method="sd", drafter=d, max_new_tokens=20).token_ids
     assert streams[3].output_ids == solo
     assert all(s.lm.cache is None for s in streams)
+
+
+def test_shared_prompt_prefixes_are_copied_not_recomputed(native_pair):
+    """Prefix caching: joiners sharing a long prompt prefix (with each other, or with a running stream) copy its KV
+    entries; outputs equal solo runs, and the target is fed fewer prompt tokens."""
+    t, d = native_pair
+    stem = [(5 * j) % 60 + 1 for j in range(40)]
+    prompts = [stem + [7, 8 + i] for i in range(4)]
+    solo = [verispec.generate(t, p, method="sd", drafter=d, max_new_tokens=10).token_ids for p in prompts]
+    eng = BatchEngine(t, d, method="sd")
+    streams = [eng.submit(Request(p, 10)) for p in prompts[:3]]
+    eng.step()
+    late = eng.submit(Request(prompts[3], 10))  # joins while the first three run: copies from one of them
+    for _ in range(50):
+        if eng.idle:
+            break
+        eng.step()
+    streams.append(late)
+    assert [s.output_ids for s in streams] == solo
+    fed = sum(s.stats.target_tokens_processed for s in streams)
+    alone = BatchEngine(t, d, method="sd", max_batch=1)
+    unshared = sum(s.stats.target_tokens_processed for s in alone.run([Request(p, 10) for p in prompts]))
+    assert fed <= unshared - 3 * (len(stem) - 1)  # three of the four prompts did not feed the shared stem

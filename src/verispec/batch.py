@@ -12,6 +12,10 @@ verifier, RNG stream and statistics — and its own draft length and accepted le
    caches cropped to its own committed tokens;
 5. finished sequences leave; waiting ones join at the next round (up to `max_batch` running).
 
+Prefix caching: on a row-exact target (gguf), a joining prompt that starts with tokens another stream's cache
+already holds copies those KV entries instead of computing them (`BatchEngine._share_prefixes`): exact, because
+there a position's entries depend on its prefix only.
+
 Why ragged rather than padded: a padded (B, T_max) batch spends T_max − T_i rows of every linear on padding
 (drafts differ in length every round) and needs a (B, T, P_max) mask over caches of different lengths; the
 ragged layout feeds exactly Σ T_i rows. On the gguf backend each row is computed by per-row code, so a sequence's
@@ -214,7 +218,8 @@ class BatchEngine:
         return finished
 
     def _join(self, streams: list[Stream]) -> None:
-        """Prefill the target for every joining stream in one forward, then each drafter class's prefill."""
+        """Prefill the target for every joining stream in one forward (a second one for joiners that copy a shared
+        prefix from another joiner first), then each drafter class's prefill."""
         for s in streams:
             s.state = "running"
             s._t_start = time.perf_counter()
@@ -222,7 +227,15 @@ class BatchEngine:
             s.policy.start(s.request.sampling, s.lm.vocab_size)
             s.lm.reset()
         try:
-            prefill_batch([s.lm for s in streams], [s.tokens[:-1] for s in streams])
+            followers = self._share_prefixes(streams)
+            prefill_batch([s.lm for s in streams if s.id not in followers], [s.tokens[:-1] for s in streams
+                                                                             if s.id not in followers])
+            for s in streams:  # joiners that share a prompt prefix with an earlier joiner: copy, then the rest
+                if s.id in followers:
+                    leader, n = followers[s.id]
+                    s.lm.adopt_prefix(leader.lm, n)
+            prefill_batch([s.lm for s in streams if s.id in followers], [s.tokens[:-1] for s in streams
+                                                                         if s.id in followers])
         except Exception as e:  # noqa: BLE001 — a failed forward fails these streams, not the engine
             for s in streams:
                 self._end(s, "error", f"prefill failed: {e}")
@@ -235,6 +248,33 @@ class BatchEngine:
                     self._end(s, "error", f"drafter prefill failed: {e}")
         for s in streams:
             s.stats.t_prefill = time.perf_counter() - s._t_start
+
+    MIN_SHARED = 16  # the shortest shared prompt prefix worth copying (a copy is cheap; a 2nd forward is not)
+
+    def _share_prefixes(self, joining: list[Stream]) -> dict[int, tuple[Stream, int]]:
+        """Prefix caching on a row-exact target: a joiner whose prompt starts with tokens a running stream's cache
+        holds adopts those KV entries now; a joiner sharing a prefix with an earlier joiner is returned as its
+        follower {id: (leader, shared length)}, to copy from it once the leader is prefilled. (Skeleton-of-Thought's
+        point requests, chat turns with one system prompt.) The copies are bit-identical to a prefill, so outputs
+        do not change; only the prompt tokens fed do."""
+        if not joining or not joining[0].lm.row_exact:
+            return {}
+        running = [r for r in self.running if r.lm.cache is not None and r.lm.tree is None]
+        followers: dict[int, tuple[Stream, int]] = {}
+        leaders: list[Stream] = []
+        for s in joining:
+            want = s.tokens[:-1]
+            best, n = max(((r, _common(r.lm.ids, want)) for r in running), key=lambda x: x[1], default=(None, 0))
+            if n >= self.MIN_SHARED:
+                s.lm.adopt_prefix(best.lm, n)
+                continue
+            lead, m = max(((r, _common(r.tokens[:-1], want)) for r in leaders), key=lambda x: x[1],
+                          default=(None, 0))
+            if m >= self.MIN_SHARED:
+                followers[s.id] = (lead, m)
+            else:
+                leaders.append(s)
+        return followers
 
     def _round(self, streams: list[Stream]) -> list[Stream]:
         t0 = time.perf_counter()
@@ -299,6 +339,14 @@ class BatchEngine:
         while not all(s.done for s in streams):
             self.step()
         return streams
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _by_class(streams: list[Stream]) -> list[list[Stream]]:

@@ -251,6 +251,25 @@ class CachedLM:
         return Segment(self, chain + nodes, pos, tree_allowed(keep, len(chain), parents), len(nodes) + 1,
                        tree=(nodes, parents), n_chain=len(chain), call=("score", tokens, draft))
 
+    @property
+    def row_exact(self) -> bool:
+        """Whether a position's KV entries depend on the tokens up to it only, never on how the forward was cut
+        (the gguf backend's per-row kernels): then another cache's entries for a shared prefix are exactly ours."""
+        return getattr(self.lean, "row_exact", False)
+
+    def adopt_prefix(self, donor: "CachedLM", n: int) -> None:
+        """Start this cache as a copy of donor's first n entries (a prompt prefix both sequences share), instead of
+        computing them again. Only where both are row-exact on the same model: then the copy is bit-identical to
+        what our own prefill would compute."""
+        if not (self.row_exact and donor.model is self.model) or donor.tree is not None:
+            raise ValueError("a prefix is adopted only from a settled cache of the same row-exact model")
+        if not 0 < n <= len(donor.ids):
+            raise ValueError(f"cannot adopt {n} entries from a cache of {len(donor.ids)}")
+        self.reset()
+        for i, layer in enumerate(donor.cache.layers):
+            self.cache.update(layer.keys[..., :n, :], layer.values[..., :n, :], i)  # cat: our own copy
+        self.ids = list(donor.ids[:n])
+
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         v = logits.shape[-1]
         if v == self.vocab_size:

@@ -296,6 +296,7 @@ class NativeDecoder:
     differences). Causal chains on a plain DynamicCache; trees keep transformers' forward (same bits there too)."""
 
     trees = True  # `ragged` takes tree segments too (the attention kernel reads any mask per row)
+    row_exact = True  # a row's results depend on its prefix only: KV entries of a shared prefix may be copied
 
     def __init__(self, model: nn.Module):
         body = model.get_decoder()
