@@ -52,6 +52,17 @@ def resolve_policy(m: Method, policy, gamma: int, options: dict) -> tuple[DraftP
     return rec.load()(**theirs), mine
 
 
+def check_pair(methods, target: LoadedModel, drafter: LoadedModel) -> None:
+    """Refuse a drafter that one of `methods` (the records that will use it) cannot use: a method that drafts
+    through text (`any_tokenizer`, e.g. uag) needs both tokenizers; every other one the same vocabulary."""
+    if any(m.any_tokenizer for m in methods):
+        from verispec.drafters.cross_tokenizer import check_tokenizers
+
+        check_tokenizers(target, drafter)
+    if any(not m.any_tokenizer for m in methods):
+        check_compatible(target, drafter)
+
+
 def encode_prompt(target: LoadedModel, prompt, max_positions: int | None = None) -> list[int]:
     if isinstance(prompt, str):
         if target.tokenizer is None:
@@ -121,7 +132,7 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
                 raise ValueError(f"method {m.name!r} needs a drafter model (drafter=...)")
             # "auto-draft" unless one is named; a model object passed in is converted only as a copy
             draft_model = load_model(drafter, backend=default_for_drafter(backend, drafter_backend))
-            check_compatible(target, draft_model)
+            check_pair([m], target, draft_model)
         d = m.load()(_Ctx(target, draft_model, target.stop_ids, options))
         ids, stats = decode(CachedLM(target.model), d, verifier, policy, prompt_ids,
                             max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=target.stop_ids,

@@ -117,7 +117,7 @@ class BatchEngine:
                  verifier: str | None = None, backend: str = "auto", drafter_backend: str | None = None,
                  max_batch: int = 8, **options):
         from verispec.backends import check_target, drafter_backend as default_for_drafter
-        from verispec.models.load import check_compatible, load_model
+        from verispec.models.load import load_model
         from verispec.validate import check_int
 
         self.max_batch = check_int("max_batch", max_batch, 1)
@@ -127,7 +127,7 @@ class BatchEngine:
         self.draft_model = None
         if drafter is not None:
             self.draft_model = load_model(drafter, backend=default_for_drafter(backend, drafter_backend))
-            check_compatible(self.target, self.draft_model)
+        self._paired: set[str] = set()  # methods whose drafter pairing was checked (`_build`; the default's at start)
         self.defaults = dict(method=method or ("sd" if drafter is not None else "ar"), gamma=gamma, policy=policy,
                              verifier=verifier, options=dict(options))
         self._ids = itertools.count(1)
@@ -157,6 +157,11 @@ class BatchEngine:
                              f"(ar, sd, pld, ...)")
         if m.needs_draft_model and self.draft_model is None:
             raise ValueError(f"method {m.name!r} needs a drafter model; this engine has none")
+        if m.needs_draft_model and m.name not in self._paired:
+            from verispec.api import check_pair
+
+            check_pair([m], self.target, self.draft_model)  # same vocabulary, or both tokenizers for uag
+            self._paired.add(m.name)
         options = dict(d["options"]) if request.method in (None, d["method"]) else {}
         options.update(request.options)
         gamma = request.gamma if request.gamma is not None else d["gamma"]

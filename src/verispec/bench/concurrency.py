@@ -145,7 +145,8 @@ def closed_loop(engine, prompt_ids: list[list[int]], n: int, max_new_tokens: int
 def load_models(target, drafter, specs, backend: str = "auto", drafter_backend: str | None = None):
     """(the target, {drafter backend: drafter}) as `verispec bench` loads them (names, folders or LoadedModels)."""
     from verispec.backends import check_target, drafter_backend as default_drafter_backend
-    from verispec.models import check_compatible, load_model
+    from verispec.api import check_pair
+    from verispec.models import load_model
 
     check_target(backend)
     default_db = default_drafter_backend(backend, drafter_backend)
@@ -155,8 +156,8 @@ def load_models(target, drafter, specs, backend: str = "auto", drafter_backend: 
     drafters = {}
     if drafter is not None and any(s.needs_drafter for s in specs):
         drafters = {b: load_model(drafter, backend=b) for b in wanted}
-        for d in drafters.values():
-            check_compatible(tgt, d)
+        for d in drafters.values():  # same vocabulary, or (for uag alone) both tokenizers
+            check_pair([s.record for s in specs if s.needs_drafter], tgt, d)
     return tgt, drafters, default_db
 
 

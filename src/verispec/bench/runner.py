@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 import verispec
-from verispec.api import encode_prompt
+from verispec.api import check_pair, encode_prompt
 from verispec.backends import check_target, drafter_backend as default_drafter_backend, resolve_backend
 from verispec.bench.datasets import Prompt, load_prompts
 from verispec.bench.methods import MethodSpec, parse_methods, run_method
 from verispec.bench.metrics import steps_log
-from verispec.models import LoadedModel, check_compatible, load_model
+from verispec.models import LoadedModel, load_model
 from verispec.sampling import Sampling
 
 CONFIG, ROWS, COST = "config.json", "prompts.jsonl", "cost.json"
@@ -183,8 +183,8 @@ def load(p: BenchPlan) -> BenchModels:
     p.specs, lcp = llamacpp.prepare_specs(p.specs, p.target, p.drafter)  # checked before any model is loaded
     tgt = load_model(p.target, backend=p.backend)
     drafters = {b: load_model(p.drafter, backend=b) for b in p.drafter_backends} if p.drafter else {}
-    for d in drafters.values():
-        check_compatible(tgt, d)
+    for d in drafters.values():  # same vocabulary, or (for uag alone) both tokenizers
+        check_pair([s.record for s in p.specs if s.needs_drafter], tgt, d)
     models = BenchModels(tgt, drafters)
     plain = [s for s in p.specs if s.peer and not s.on_our_kernels and not llamacpp.is_peer(s)]
     if plain:

@@ -184,7 +184,8 @@ def check_compatible(target: LoadedModel, drafter: LoadedModel) -> None:
             raise TokenizerMismatchError(
                 f"tokenizers of target {target.name!r} ({len(tv)} entries) and drafter {drafter.name!r} "
                 f"({len(dv)} entries) differ: {only_t} tokens only in the target, {only_d} only in the drafter, "
-                f"{moved} with different ids. Speculative decoding needs a drafter with the same vocabulary.")
+                f"{moved} with different ids. Speculative decoding needs a drafter with the same vocabulary; "
+                f"method=\"uag\" (--method uag) drafts through text and pairs models with different tokenizers.")
         return
     if target.vocab_size != drafter.vocab_size:
         raise TokenizerMismatchError(
