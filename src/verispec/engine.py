@@ -62,6 +62,8 @@ def settle(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, to
     target.rollback(tokens)  # the target cache keeps only committed tokens
     if draft.side_tokens:
         drafter.observe(draft, logits[len(draft.tokens) + 1:])  # (S, V)
+    if drafter.wants_target_logits:  # a drafter that learns online (OSD) reads the target's verified logits
+        drafter.learn(draft, logits[: len(draft.tokens) + 1], result)  # (K+1, V)
     drafter.commit(tokens, draft, result)
     policy.update(draft, result)
     t3 = time.perf_counter()

@@ -35,6 +35,12 @@ class Drafter:
     def commit(self, tokens: list[int], draft: Draft, result: VerifyResult) -> None:
         """Called after the round with the committed tokens (prompt + all output so far)."""
 
+    wants_target_logits = False  # True: the engine calls `learn` every round (drafters that adapt online)
+
+    def learn(self, draft: Draft, logits: torch.Tensor, result: VerifyResult) -> None:
+        """Called before `commit`, when `wants_target_logits`, with the target's raw (K+1, V) logits at the pending
+        token and the K draft nodes (row i predicts the token after the pending token and drafts 0..i-1)."""
+
     # The batched engine (`verispec.batch`) calls these class methods with every running sequence's drafter of
     # this class. The defaults loop; a drafter whose work is a model forward overrides them to share one forward.
     @classmethod
