@@ -33,7 +33,7 @@ from verispec.policies import FixedGamma
 from verispec.registry import METHODS, VERIFIERS
 from verispec.sampling import Sampling, sample
 from verispec.verifiers import RejectionVerifier
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, word_tokenizer
 from tests.law import chi2_pvalue, draw, exact_law, min_detectable_tv, pooled_cells
 
 LOSSLESS = [m for m in METHODS.values() if m.kind == "speculative" and m.lossless and m.name != "ar"]
@@ -59,6 +59,13 @@ SETTINGS = {
     "sd": [("full", lambda ids, V: {}),
            ("draft_vocab", lambda ids, V: {"draft_vocab": max(3, V // 2), "vocab_corpus": corpus(ids, vocab=V)}),
            ("block", lambda ids, V: {}, "block")],
+    "cascade": [("vertical", lambda ids, V: {}),
+                ("horizontal", lambda ids, V: {"inner": "none", "horizontal": 1}),
+                ("both-nasd", lambda ids, V: {"inner": "nasd", "inner_gamma": 2, "horizontal": 1, "lower": "nasd"})],
+    "staged": [("default", lambda ids, V: {}), ("wide", lambda ids, V: {"width": 2, "branch_depth": 1})],
+    "layer-skip": [("skip0", lambda ids, V: {"skip": "0"}), ("bi", lambda ids, V: {"skip": "bi", "ratio": 0.5})],
+    # OSD adapts inline (deterministic draws) twice per χ² worker (the negative control: never); no files written
+    "osd": [("online", lambda ids, V: {"update_every": 1000, "background": False, "checkpoint_dir": "none"})],
     "sd-tree": [("without_replacement", lambda ids, V: {"tree": "2x2"}),
                 ("iid", lambda ids, V: {"tree": "2x2", "children": "iid"}),
                 ("topk", lambda ids, V: {"children": "topk", "top_k": 2, "nodes": 5}),
@@ -77,6 +84,13 @@ def variants(law: bool = False):
                 continue
             out.append(pytest.param(m.name, opts, ver[0] if ver else None, id=f"{m.name}-{vid}"))
     return out
+
+
+def tokenizer_for(m, vocab: int):
+    """A method that drafts through text (`any_tokenizer`, uag) needs both tokenizers: here one word tokenizer over the
+    tiny vocabulary for both models (its cross-tokenizer paths are tested in tests/test_cross_tokenizer.py); every
+    other method runs on bare models, as before."""
+    return word_tokenizer(["<unk>"] + [f"w{i}" for i in range(vocab - 1)]) if m.any_tokenizer else None
 
 
 def noisy_copy(model: torch.nn.Module, sigma: float, seed: int) -> torch.nn.Module:
@@ -118,6 +132,9 @@ def test_greedy_path_has_no_near_ties(greedy_world):
 def test_greedy_output_is_ar_output(greedy_world, name, options, verifier):
     target, drafter, ar, _ = greedy_world
     m = METHODS[name]
+    tok = tokenizer_for(m, 64)
+    if tok is not None:
+        target, drafter = LoadedModel(target, tok, "tiny-target"), LoadedModel(drafter, tok, "tiny-drafter")
     out = verispec.generate(target, GREEDY_PROMPT, method=name, drafter=drafter if m.needs_draft_model else None,
                             gamma=4, max_new_tokens=48, verifier=verifier, **options(GREEDY_PROMPT + ar, 64))
     assert out.token_ids == ar
@@ -152,8 +169,9 @@ def job_for(name: str, options: dict, target, drafter, verifier=None):
     """Builds the method from its registry factory, exactly as verispec.generate does; `verifier` is a verifier
     object or a registry name."""
     m = METHODS[name]
-    t = LoadedModel(target, None, "tiny-target")
-    d = LoadedModel(drafter, None, "tiny-drafter") if m.needs_draft_model else None
+    tok = tokenizer_for(m, target.config.vocab_size)
+    t = LoadedModel(target, tok, "tiny-target")
+    d = LoadedModel(drafter, tok, "tiny-drafter") if m.needs_draft_model else None
     make = (lambda: VERIFIERS[verifier].load()()) if isinstance(verifier, str) else (lambda: verifier)
     return lambda: (CachedLM(target), m.load()(_Ctx(t, d, frozenset(), dict(options))),
                     make() if verifier is not None else RejectionVerifier(), FixedGamma(K))
@@ -192,7 +210,7 @@ def test_the_same_statistic_rejects_a_biased_recovery(law_world, name, options, 
     base = VERIFIERS[verifier or "rejection"].load()
     opts = options(LAW_PROMPT + text, V)
     job = job_for(name, opts, target, drafter, verifier=recover_from_p(base)())
-    sampled_tree = name == "sd-tree" and opts.get("children") != "topk"
+    sampled_tree = (name == "sd-tree" and opts.get("children") != "topk") or name == "staged"
     counts, _ = draw(job, NEGATIVE_N_SAMPLED_TREE if sampled_tree else NEGATIVE_N, seed=6, n_tokens=N_TOKENS,
                      sampling=SAMPLING, prompt=LAW_PROMPT)
     assert chi2_pvalue(counts, law) < 1e-6

@@ -28,6 +28,7 @@ BENCH_EXAMPLES = """examples:
   verispec bench --concurrency 1,2,4,8 --methods ar,sd --prompts 16 --max-new-tokens 64
   verispec bench --concurrency 1,2,4 --server http://127.0.0.1:8000 --prompts 8
   verispec bench --sot --dataset summarize --num-prompts 5 --max-new-tokens 192    # sot-lossy (lossy) vs AR
+  verispec bench --osd --osd-adapt 50 --osd-eval 20 --dataset humaneval     # osd: unadapted vs adapted drafter
 """
 
 
@@ -127,6 +128,10 @@ def cmd_bench(a) -> int:
 
     if a.concurrency is not None and a.sot:
         raise ValueError("--concurrency and --sot are separate modes: run them one at a time")
+    if a.osd:
+        if a.concurrency is not None or a.sot:
+            raise ValueError("--osd is its own mode: run it without --concurrency / --sot")
+        return _bench_osd(a)
     if a.server is not None and a.concurrency is None:
         raise ValueError("--server drives the --concurrency mode: add --concurrency 1,2,4,8")
     if a.concurrency is not None:
@@ -197,6 +202,19 @@ def _bench_concurrency(a) -> int:
     return 3 if s["identity_violations"] else 0
 
 
+def _bench_osd(a) -> int:
+    from pathlib import Path
+
+    from verispec.bench.osdbench import run_osd_bench
+
+    s = run_osd_bench(a.target, a.drafter, a.dataset, a.osd_adapt, a.osd_eval, a.max_new_tokens, a.gamma,
+                      _sampling(a), a.out, seed=a.seed, warmup=not a.no_warmup, backend=a.backend,
+                      drafter_backend=a.drafter_backend, options=_options(a.osd_option))
+    print((Path(a.out) / "osd.md").read_text())
+    print(f"written: {a.out}/osd.md, osd.json; checkpoints in {s['checkpoint']['dir']}")
+    return 3 if s["identity_violations"] else 0
+
+
 def _bench_sot(a) -> int:
     from pathlib import Path
 
@@ -231,6 +249,27 @@ def cmd_experiment(a) -> int:
              a.conditions.split(",") if a.conditions else None, resume=a.resume,
              backend=a.backend, drafter_backend=a.drafter_backend)
     print((Path(a.out) / "egag.md").read_text())
+    return 0
+
+
+def cmd_train(a) -> int:
+    """`verispec train layer-skip`: search the target's skip set offline and cache it for `layer-skip`'s skip=auto."""
+    from verispec.drafters import layer_skip
+    from verispec.models.load import load_model
+
+    target = load_model(a.target, backend=a.backend)
+    if target.tokenizer is None:
+        print("verispec: error: the target needs a tokenizer to read the calibration text", file=sys.stderr)
+        return 1
+    ids = layer_skip.calibration_ids(target.tokenizer, a.tokens)
+    print(f"layer-skip search on {target.name} ({target.backend}: {target.kernel}), {len(ids)} calibration tokens "
+          "of Python standard-library source", file=sys.stderr)
+    record = layer_skip.search_skip_set(target.model, ids, max_ratio=a.max_ratio, pool=a.pool, minutes=a.minutes,
+                                        progress=lambda line: print(line, file=sys.stderr, flush=True))
+    record["backend"] = f"{target.backend}: {target.kernel}"
+    path = layer_skip.save_searched(target.name, target.model, record)
+    print(f"skip {record['skip']} (agreement {record['alpha']}, c {record['c']}, predicted {record['speedup']}x at "
+          f"γ={record['gamma']}) -> {path}")
     return 0
 
 
@@ -353,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--server", metavar="URL", help="with --concurrency: drive a running OpenAI-compatible server at "
                                                    "URL (its /v1 API) with the `openai` client instead")
     c.add_argument("--server-model", help="the model name to ask the server for (default: the first it lists)")
+    o = b.add_argument_group("online speculative decoding A/B (osd; instead of the usual bench)")
+    o.add_argument("--osd", action="store_true", help="adapt osd's drafter on --osd-adapt prompts of --dataset, then "
+                                                      "α̂ and tok/s of the unadapted vs the adapted drafter on "
+                                                      "--osd-eval held-out prompts; writes osd.md / osd.json")
+    o.add_argument("--osd-adapt", type=int, default=50, help="prompts to adapt on (default 50)")
+    o.add_argument("--osd-eval", type=int, default=20, help="held-out prompts to measure on (default 20)")
+    o.add_argument("--osd-option", action="append", metavar="KEY=VALUE",
+                   help="an osd option, repeatable (update_every=8, loss=jsd, lr=1e-3, steps=4, checkpoint_dir=...)")
     s = b.add_argument_group("Skeleton-of-Thought mode (sot-lossy, LOSSY; instead of the usual bench)")
     s.add_argument("--sot", action="store_true", help="sot-lossy vs AR on the same prompts: latency, and chrF and "
                                                       "length against AR's answer; writes sot.md / sot.json")
@@ -418,6 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
     e.add_argument("--drafter-backend", help=DRAFTER_BACKEND_HELP)
     e.set_defaults(func=cmd_experiment)
+
+    tr = sub.add_parser("train", help="fit what a method learns offline (layer-skip: the target's skip set)",
+                        epilog="example: verispec train layer-skip --target qwen2.5-coder-1.5b --minutes 10")
+    tr.add_argument("what", choices=["layer-skip"])
+    tr.add_argument("--target", default="qwen2.5-coder-1.5b")
+    tr.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
+    tr.add_argument("--tokens", type=int, default=256, help="calibration tokens (standard-library source)")
+    tr.add_argument("--minutes", type=float, default=10.0, help="time budget of the search")
+    tr.add_argument("--pool", type=int, default=8, help="candidate layers tried per step (lowest block influence)")
+    tr.add_argument("--max-ratio", type=float, default=0.6, help="largest share of layers skipped")
+    tr.set_defaults(func=cmd_train)
 
     lb = sub.add_parser("build-llamacpp", help="build llama.cpp's llama-server and llama-bench for this CPU (the "
                                                "llamacpp-ar / llamacpp-sd benchmark peers)")

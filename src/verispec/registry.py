@@ -46,6 +46,9 @@ class Method:
     tree: bool = False  # may propose token trees
     lossless: bool = True
     loaded_model: bool = False  # a baseline called with the LoadedModel (tokenizer included) and the sampling
+    # A drafter with any tokenizer (it drafts through text): the API skips the same-vocabulary check for it and asks
+    # for both tokenizers instead.
+    any_tokenizer: bool = False
 
     def load(self):
         return _resolve(self.build)
@@ -88,6 +91,32 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "the draft model grows a token tree per round: sampled children (without replacement or i.i.d.) "
            "or EAGLE-2's top-k expansion", "Miao et al. 2024 (SpecInfer); Jeon et al. 2024; Li et al. 2024 (EAGLE-2)",
            options=("tree", "children", "top_k", "nodes"), needs_draft_model=True, tree=True),
+    Method("cascade", "speculative", "verispec.drafters.cascade:CascadeDrafter.from_ctx",
+           "cascade drafting: the draft model is itself speculated by a free statistical drafter (vertical, "
+           "inner=pld|nasd|none), and the positions after the first `horizontal` come from that drafter",
+           "Chen et al. 2024 (CS Drafting); Spector & Ré 2023",
+           options=("inner", "inner_gamma", "horizontal", "lower", "draft_vocab", "vocab_corpus"),
+           needs_draft_model=True),
+    Method("staged", "speculative", "verispec.drafters.staged:StagedDrafter.from_ctx",
+           "staged speculation: the draft model's chain (itself speculated by prompt lookup / n-grams) plus "
+           "sibling leaves at the first depths, verified as one token tree", "Spector & Ré 2023",
+           options=("inner", "inner_gamma", "width", "branch_depth", "draft_vocab", "vocab_corpus"),
+           needs_draft_model=True, tree=True),
+    Method("layer-skip", "speculative", "verispec.drafters.layer_skip:LayerSkipDrafter.from_ctx",
+           "self-speculation: the target with some decoder layers skipped drafts for itself (the same weights; "
+           "skip=auto: the set `verispec train layer-skip` searched, else block influence on the first prompt)",
+           "Zhang et al. 2024 (Draft & Verify); Xia et al. 2025 (SWIFT)", options=("skip", "ratio")),
+    Method("uag", "speculative", "verispec.drafters.cross_tokenizer:CrossTokenizerDrafter.from_ctx",
+           "universal assisted generation: a draft model with ANOTHER tokenizer drafts greedily through text (the "
+           "committed text re-encoded for it, its draft text re-encoded for the target); lossless greedy and "
+           "sampling", "Timor et al. 2025; transformers UAG (2024)", options=("draft_tokens", "heal"),
+           needs_draft_model=True, any_tokenizer=True),
+    Method("osd", "speculative", "verispec.drafters.online:OnlineDrafter.from_ctx",
+           "online speculative decoding: the draft model distilled in the background (LoRA; forward KL or JSD) on the "
+           "target's distributions where its drafts were rejected, every `update_every` requests; versioned "
+           "checkpoints, `version=` reloads one", "Liu et al. 2024 (OSD)",
+           options=("update_every", "loss", "positions", "lr", "steps", "lora_rank", "teacher_top_k", "buffer_size",
+                    "checkpoint_dir", "background", "train_source", "learn", "version"), needs_draft_model=True),
     Method("rest", "speculative", "verispec.drafters.rest:RestDrafter.from_ctx",
            "exact-match retrieval from a suffix-array datastore; a chain, or a token tree with tree_nodes=N",
            "He et al. 2024", options=("datastore", "max_suffix", "min_suffix", "max_occurrences", "tree_nodes"),
@@ -204,7 +233,8 @@ def describe() -> str:
     """A table of every method and policy (for `verispec methods`)."""
     lines = ["| method | kind | lossless | needs | options | reference |", "|---|---|---|---|---|---|"]
     for m in METHODS.values():
-        needs = ", ".join(n for n, f in (("draft model", m.needs_draft_model), ("training", m.needs_training),
+        draft = "draft model (any tokenizer)" if m.any_tokenizer else "draft model"
+        needs = ", ".join(n for n, f in ((draft, m.needs_draft_model), ("training", m.needs_training),
                                           ("token trees", m.tree)) if f) or "—"
         lines.append(f"| `{m.name}` | {m.kind} | {'yes' if m.lossless else 'no'} | {needs} | "
                      f"{', '.join(m.options) or '—'} | {m.paper or '—'} |")
