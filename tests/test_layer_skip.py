@@ -59,6 +59,19 @@ def test_skipped_layers_change_the_drafts_logits(target):
     torch.testing.assert_close(d.lm.forward(GREEDY_PROMPT), full)
 
 
+def test_prefill_runs_the_kept_layers_only(target):
+    """The drafter's cache after prefill is the one its own (skipped) forward writes: the next step's logits equal
+    those of one forward of the whole sequence through the kept layers."""
+    from verispec.cache import CachedLM
+
+    d = LayerSkipDrafter(target, 64, skip="1,2")
+    d.prefill(GREEDY_PROMPT)
+    step = d.lm.forward(GREEDY_PROMPT)  # (1, V): the pending token on the prefilled cache
+    whole = CachedLM(target, lean=True)
+    whole.lean = layer_skip.skip_view(whole.lean, [0, 3])
+    torch.testing.assert_close(step, whole.forward(GREEDY_PROMPT))
+
+
 def test_block_influence_picks_inner_layers_once_per_target(target):
     bi = block_influence(target, GREEDY_PROMPT)
     assert len(bi) == 4 and all(0 <= b <= 2 for b in bi)

@@ -215,7 +215,9 @@ class CachedLM:
             return
         input_ids = torch.tensor([new], dtype=torch.long, device=self.device)  # (1, T)
         body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-        if body is not None:
+        if self.lean is not None:  # the same decoder as every later forward (a layer-skip view has fewer layers)
+            self.lean(input_ids, self.cache, 1)
+        elif body is not None:
             body(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
         else:  # fall back to a full forward that keeps a single logit row
             self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
