@@ -73,6 +73,12 @@ SETTINGS = {
 }
 
 
+# Variants left out of the χ² tests: Lookahead's paper setting cannot draft in 3-token generations; the others are
+# combinations whose parts have their own χ² variants (vertical and horizontal cascade, one staged sibling, a given
+# skip set), kept in the greedy test only to bound the suite's time.
+LAW_SKIP = {("lookahead", "paper"), ("cascade", "both-nasd"), ("staged", "wide"), ("layer-skip", "bi")}
+
+
 def variants(law: bool = False):
     """(method, options factory, verifier) for every registered lossless method and its variants; `law` = the
     settings for χ², where a variant that cannot draft in 3-token generations (Lookahead's paper setting warms up
@@ -80,7 +86,7 @@ def variants(law: bool = False):
     out = []
     for m in LOSSLESS:
         for vid, opts, *ver in SETTINGS.get(m.name, [("default", lambda ids, V: {})]):
-            if law and (m.name, vid) == ("lookahead", "paper"):
+            if law and (m.name, vid) in LAW_SKIP:
                 continue
             out.append(pytest.param(m.name, opts, ver[0] if ver else None, id=f"{m.name}-{vid}"))
     return out
