@@ -134,9 +134,11 @@ def generate(target, prompt, *, drafter=None, method: str | None = None, gamma: 
             draft_model = load_model(drafter, backend=default_for_drafter(backend, drafter_backend))
             check_pair([m], target, draft_model)
         d = m.load()(_Ctx(target, draft_model, target.stop_ids, options))
+        # a lossy verifier (typical-lossy) is named in the method's label, so every report says it
+        label = m.name if getattr(verifier, "lossless", True) else f"{m.name}+{verifier.name}"
         ids, stats = decode(CachedLM(target.model), d, verifier, policy, prompt_ids,
                             max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=target.stop_ids,
-                            method=m.name, generator=generator)
+                            method=label, generator=generator)
     text = target.tokenizer.decode(ids, skip_special_tokens=True) if target.tokenizer is not None else None
     return GenerationOutput(text, ids, prompt_ids, stats,
                             (target.backend, draft_model.backend if draft_model is not None else None))

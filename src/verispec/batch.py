@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from verispec.cache import CachedLM, prefill_batch, score_batch
-from verispec.engine import finish, settle
+from verispec.engine import feed_features, finish, settle
 from verispec.sampling import Sampling
 from verispec.types import GenerationStats
 
@@ -230,6 +230,8 @@ class BatchEngine:
             s._t_start = time.perf_counter()
             s.tokens = list(s.prompt_ids)
             s.policy.start(s.request.sampling, s.lm.vocab_size)
+            if s.drafter.target_features:  # a drafter on the target's hidden states: its cache keeps them
+                s.lm.track_features(s.drafter.target_features)
             s.lm.reset()
         try:
             followers = self._share_prefixes(streams)
@@ -245,6 +247,8 @@ class BatchEngine:
             for s in streams:
                 self._end(s, "error", f"prefill failed: {e}")
             return
+        for s in streams:
+            feed_features(s.lm, s.drafter)
         for group in _by_class(streams):
             try:
                 type(group[0].drafter).prefill_batch([s.drafter for s in group], [s.tokens for s in group])
@@ -269,12 +273,13 @@ class BatchEngine:
         leaders: list[Stream] = []
         for s in joining:
             want = s.tokens[:-1]
-            best, n = max(((r, _common(r.lm.ids, want)) for r in running), key=lambda x: x[1], default=(None, 0))
+            best, n = max(((r, _common(r.lm.ids, want)) for r in running if _same_tap(r.lm, s.lm)),
+                          key=lambda x: x[1], default=(None, 0))
             if n >= self.MIN_SHARED:
                 s.lm.adopt_prefix(best.lm, n)
                 continue
-            lead, m = max(((r, _common(r.tokens[:-1], want)) for r in leaders), key=lambda x: x[1],
-                          default=(None, 0))
+            lead, m = max(((r, _common(r.tokens[:-1], want)) for r in leaders if _same_tap(r.lm, s.lm)),
+                          key=lambda x: x[1], default=(None, 0))
             if m >= self.MIN_SHARED:
                 followers[s.id] = (lead, m)
             else:
@@ -344,6 +349,11 @@ class BatchEngine:
         while not all(s.done for s in streams):
             self.step()
         return streams
+
+
+def _same_tap(donor: CachedLM, lm: CachedLM) -> bool:
+    """A joiner whose drafter reads target features copies a prefix only from a cache that has the same ones."""
+    return lm.tap is None or (donor.tap is not None and donor.tap.spec == lm.tap.spec)
 
 
 def _common(a: list[int], b: list[int]) -> int:

@@ -62,6 +62,9 @@ class CachedLM:
         self.tree: tuple[list[int], list[int]] | None = None
         self.forwards = 0
         self.tokens_processed = 0
+        # The target's hidden states for drafters that read them (`track_features`): rows aligned with the cache.
+        self.tap = None
+        self.feats = None
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
@@ -69,6 +72,43 @@ class CachedLM:
         self.tree = None
         self.forwards = 0
         self.tokens_processed = 0
+        if self.tap is not None:
+            from verispec.features import FeatureBuffer
+
+            self.feats = FeatureBuffer(self.tap.width)
+
+    def track_features(self, spec) -> None:
+        """Keep the hidden states `spec` names (see `verispec.features`) for every cached position from now on:
+        `features` then holds one row per token in the cache. The cache starts empty (entries cached before have no
+        features)."""
+        from verispec.features import FeatureTap
+
+        self.untrack_features()
+        self.tap = FeatureTap(self.model, spec)
+        self.reset()
+
+    def untrack_features(self) -> None:
+        """Remove the hooks (the model may be shared: nothing of ours stays on it after a generation)."""
+        if self.tap is not None:
+            self.tap.close()
+        self.tap = self.feats = None
+
+    @property
+    def features(self) -> torch.Tensor:
+        """(len(ids), F): the tracked features of every position in the cache (row i: after tokens[:i + 1])."""
+        if self.feats is None:
+            raise ValueError("no features are tracked: call track_features(spec) first")
+        return self.feats.view()[: len(self.ids)]
+
+    def _took(self, n_rows: int, rows: torch.Tensor | None = None) -> None:
+        """After a forward that fed n_rows new cache entries: append their features (the tap's, or `rows`)."""
+        if self.tap is None:
+            return
+        rows = self.tap.take() if rows is None else rows
+        if rows.shape[0] != n_rows:
+            raise RuntimeError(f"the feature tap saw {rows.shape[0]} rows for {n_rows} fed: this forward path does not "
+                               "compute features for every row (only the target's forward paths do)")
+        self.feats.append(rows)
 
     def rollback(self, tokens: Sequence[int], limit: int | None = None) -> int:
         """Crop the cache to the longest common prefix with `tokens` (at most `limit`); return its length."""
@@ -82,6 +122,8 @@ class CachedLM:
         if i < len(ids):
             self.cache.crop(i - len(ids))  # negative count = tokens to drop (transformers 5 API)
             del ids[i:]
+        if self.feats is not None:
+            self.feats.crop(i)
         return i
 
     @torch.inference_mode()
@@ -109,6 +151,7 @@ class CachedLM:
                              logits_to_keep=n_logits)
             logits = out.logits[0]  # (n_logits, V)
         self.ids.extend(new)
+        self._took(len(new))
         self.forwards += 1
         self.tokens_processed += len(new)
         return self._fit_vocab(logits)
@@ -142,6 +185,7 @@ class CachedLM:
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=n + 1)
         self.ids.extend(chain)
+        self._took(Q)
         self.tree = (nodes, parents)
         self.forwards += 1
         self.tokens_processed += Q
@@ -179,6 +223,7 @@ class CachedLM:
                          position_ids=torch.tensor([pos], dtype=torch.long, device=self.device), attention_mask=mask,
                          past_key_values=self.cache, use_cache=True, logits_to_keep=n)
         self.tree = (nodes, allp)
+        self._took(n)
         self.forwards += 1
         self.tokens_processed += n
         return self._fit_vocab(out.logits[0])  # (n, V)
@@ -202,6 +247,8 @@ class CachedLM:
                 raise ValueError(f"token trees need a plain DynamicCache; got {type(layer).__name__}")
             layer.keys = layer.keys.index_select(-2, idx)
             layer.values = layer.values.index_select(-2, idx)
+        if self.feats is not None:
+            self.feats.select(idx)
         self.ids.extend(nodes[i] for i in path)
 
     @torch.inference_mode()
@@ -222,6 +269,7 @@ class CachedLM:
         else:  # fall back to a full forward that keeps a single logit row
             self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.ids.extend(new)
+        self._took(len(new))
         self.forwards += 1
         self.tokens_processed += len(new)
 
@@ -267,10 +315,14 @@ class CachedLM:
             raise ValueError("a prefix is adopted only from a settled cache of the same row-exact model")
         if not 0 < n <= len(donor.ids):
             raise ValueError(f"cannot adopt {n} entries from a cache of {len(donor.ids)}")
+        if self.tap is not None and (donor.tap is None or donor.tap.spec != self.tap.spec):
+            raise ValueError("a prefix is adopted only from a cache that tracks the same target features")
         self.reset()
         for i, layer in enumerate(donor.cache.layers):
             self.cache.update(layer.keys[..., :n, :], layer.values[..., :n, :], i)  # cat: our own copy
         self.ids = list(donor.ids[:n])
+        if self.feats is not None:
+            self.feats.append(donor.feats.view()[:n])
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         v = logits.shape[-1]
@@ -318,9 +370,10 @@ class Segment:
         P, T = len(self.lm.ids), len(self.new)
         return self.allowed if self.allowed is not None else torch.ones(T, P + T, dtype=torch.bool).tril(P)
 
-    def done(self) -> None:
-        """The bookkeeping `forward` / `score` / `prefill` do after their forward."""
+    def done(self, rows: torch.Tensor | None = None) -> None:
+        """The bookkeeping `forward` / `score` / `prefill` do after their forward (rows: this segment's features)."""
         lm = self.lm
+        lm._took(len(self.new), rows)
         if self.tree is not None:
             lm.ids.extend(self.new[: self.n_chain])
             lm.tree = self.tree
@@ -359,9 +412,11 @@ def run_batch(segs: list[Segment]) -> list[torch.Tensor | None]:
     hidden = lm0.lean.ragged(segs)  # (sum n_out, H)
     head = lm0.head if lm0.head is not None else lm0.model.get_output_embeddings()
     logits = head(hidden) if hidden.shape[0] else None  # (sum n_out, V)
-    out, at = [], 0
+    out, at, row = [], 0, 0
     for s in segs:
-        s.done()
+        # every tap saw all stacked rows of this forward: a segment's features are its own span of them
+        s.done(None if s.lm.tap is None else s.lm.tap.take()[row: row + len(s.new)])
+        row += len(s.new)
         if s.n_out:
             out.append(s.lm._fit_vocab(logits[at: at + s.n_out]))
             at += s.n_out

@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 GENERATE_EXAMPLES = """examples:
   verispec generate --target qwen2.5-coder-1.5b --drafter qwen2.5-coder-0.5b --gamma 4 --humaneval 0
@@ -95,11 +97,12 @@ def cmd_generate(a) -> int:
         if not 0 <= a.humaneval < len(he):
             raise ValueError(f"--humaneval must be in [0, {len(he)})")
         prompt = he[a.humaneval].text
-    method = a.method or ("sd" if a.drafter else "ar")
     options = _options(a.option)
+    drafter, method = trained_drafter(a.drafter, a.method, options)
+    method = method or ("sd" if drafter else "ar")
     if method == "beam":
         options["num_beams"] = a.num_beams
-    out = verispec.generate(a.target, prompt, drafter=a.drafter if method != "ar" else None, method=method,
+    out = verispec.generate(a.target, prompt, drafter=drafter if method != "ar" else None, method=method,
                             gamma=a.gamma, sampling=_sampling(a), max_new_tokens=a.max_new_tokens,
                             policy=a.policy, verifier=a.verifier, backend=a.backend,
                             drafter_backend=a.drafter_backend, **options)
@@ -252,8 +255,25 @@ def cmd_experiment(a) -> int:
     return 0
 
 
+TRAINED = ("medusa", "blockwise", "eagle")  # methods whose drafter is a trained folder: --drafter KIND:PATH
+
+
+def trained_drafter(drafter: str | None, method: str | None, options: dict) -> tuple[str | None, str | None]:
+    """`--drafter medusa:PATH` (or eagle:, blockwise:) names a trained drafter folder: the method is that kind and
+    the folder its `heads` option; any other --drafter is a draft model. Returns (draft model, method)."""
+    kind, sep, path = (drafter or "").partition(":")
+    if not sep or kind not in TRAINED or len(kind) == 1:
+        return drafter, method
+    if method not in (None, kind):
+        raise ValueError(f"--drafter {drafter} is a {kind} drafter but --method is {method}")
+    options["heads"] = path
+    return None, kind
+
+
 def cmd_train(a) -> int:
-    """`verispec train layer-skip`: search the target's skip set offline and cache it for `layer-skip`'s skip=auto."""
+    """`verispec train layer-skip` (search the skip set) or `verispec train medusa|blockwise|eagle` (trained heads)."""
+    if a.what != "layer-skip":
+        return cmd_train_heads(a)
     from verispec.drafters import layer_skip
     from verispec.models.load import load_model
 
@@ -261,15 +281,54 @@ def cmd_train(a) -> int:
     if target.tokenizer is None:
         print("verispec: error: the target needs a tokenizer to read the calibration text", file=sys.stderr)
         return 1
-    ids = layer_skip.calibration_ids(target.tokenizer, a.tokens)
+    ids = layer_skip.calibration_ids(target.tokenizer, a.tokens or 256)
     print(f"layer-skip search on {target.name} ({target.backend}: {target.kernel}), {len(ids)} calibration tokens "
           "of Python standard-library source", file=sys.stderr)
-    record = layer_skip.search_skip_set(target.model, ids, max_ratio=a.max_ratio, pool=a.pool, minutes=a.minutes,
+    record = layer_skip.search_skip_set(target.model, ids, max_ratio=a.max_ratio, pool=a.pool,
+                                        minutes=10.0 if a.minutes is None else a.minutes,
                                         progress=lambda line: print(line, file=sys.stderr, flush=True))
     record["backend"] = f"{target.backend}: {target.kernel}"
     path = layer_skip.save_searched(target.name, target.model, record)
     print(f"skip {record['skip']} (agreement {record['alpha']}, c {record['c']}, predicted {record['speedup']}x at "
           f"γ={record['gamma']}) -> {path}")
+    return 0
+
+
+def cmd_train_heads(a) -> int:
+    """Self-distillation data (the target's own completions of standard-library prompts, features stored once),
+    then the heads, within the budget; writes a drafter folder, its loss curve and a summary."""
+    import importlib
+
+    from verispec.distill import STORE_FILE, build_store
+    from verispec.drafters.folder import default_name, drafters_root
+    from verispec.models.load import load_model
+
+    target = load_model(a.target, backend=a.backend)
+    out = Path(a.out) if a.out else drafters_root() / default_name(a.what, target.name)
+    work = Path(a.workdir) if a.workdir else Path("runs") / "train" / default_name(a.what, target.name)
+    work.mkdir(parents=True, exist_ok=True)
+    store = Path(a.store) if a.store else work / "store"
+    module = importlib.import_module(f"verispec.drafters.{a.what}")
+    spec = getattr(module, "STORE_SPEC", ("final",))
+    if callable(spec):
+        spec = spec(target.model)
+    say = (lambda line: print(line, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    if not (store / STORE_FILE).exists():
+        say(f"feature store: {a.prompts} standard-library prompts of {a.prompt_len} tokens, completions of "
+            f"{a.completion_len} by {target.name} ({target.backend}: {target.kernel}) -> {store}")
+        build_store(target, store, spec, prompts=a.prompts, prompt_len=a.prompt_len, completion_len=a.completion_len,
+                    minutes=a.data_minutes, progress=say)
+    data_min = (time.perf_counter() - t0) / 60
+    left = None if a.minutes is None else max(1.0, a.minutes - data_min)
+    summary = module.train_heads(target, store, out, steps=a.steps, batch=a.batch, lr=a.lr, minutes=left,
+                                 tokens=a.tokens, workdir=work, n_heads=a.heads, draft_vocab=a.draft_vocab or None)
+    summary.pop("heads", None)
+    summary["data_minutes"] = round(data_min, 2)
+    summary["target"] = f"{target.name} ({target.backend}: {target.kernel})"
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    say(f"drafter folder: {summary.get('folder')}; loss curve {work / 'loss.png'}")
     return 0
 
 
@@ -468,11 +527,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="fit what a method learns offline (layer-skip: the target's skip set)",
                         epilog="example: verispec train layer-skip --target qwen2.5-coder-1.5b --minutes 10")
-    tr.add_argument("what", choices=["layer-skip"])
+    tr.add_argument("what", choices=["layer-skip", "medusa", "blockwise"])
     tr.add_argument("--target", default="qwen2.5-coder-1.5b")
     tr.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
-    tr.add_argument("--tokens", type=int, default=256, help="calibration tokens (standard-library source)")
-    tr.add_argument("--minutes", type=float, default=10.0, help="time budget of the search")
+    tr.add_argument("--tokens", type=int, default=None,
+                    help="layer-skip: calibration tokens (default 256); heads: training-token budget")
+    tr.add_argument("--minutes", type=float, default=None,
+                    help="time budget (layer-skip search: default 10; heads: data + training, default none)")
+    tr.add_argument("--out", help="heads: the drafter folder (default $VERISPEC_HOME/drafters/KIND-TARGET)")
+    tr.add_argument("--workdir", help="heads: checkpoint, feature store, loss curve (default runs/train/KIND-TARGET)")
+    tr.add_argument("--store", help="heads: an existing feature store (default WORKDIR/store, built if missing)")
+    tr.add_argument("--prompts", type=int, default=160, help="heads: standard-library prompts for the store")
+    tr.add_argument("--prompt-len", type=int, default=96)
+    tr.add_argument("--completion-len", type=int, default=48, help="heads: the target's completion per prompt")
+    tr.add_argument("--data-minutes", type=float, default=None, help="heads: budget of the store's generation")
+    tr.add_argument("--steps", type=int, default=1500)
+    tr.add_argument("--batch", type=int, default=64)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--heads", type=int, default=4, help="heads: number of heads (draft depth)")
+    tr.add_argument("--draft-vocab", type=int, default=16384, help="heads: draft vocabulary size (0 = full)")
     tr.add_argument("--pool", type=int, default=8, help="candidate layers tried per step (lowest block influence)")
     tr.add_argument("--max-ratio", type=float, default=0.6, help="largest share of layers skipped")
     tr.set_defaults(func=cmd_train)

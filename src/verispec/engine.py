@@ -27,8 +27,11 @@ def decode(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, pr
     policy.start(sampling, target.vocab_size)
     t_start = time.perf_counter()
     tokens = list(prompt)
+    if drafter.target_features:  # drafters on the target's hidden states (Medusa, EAGLE): the cache keeps them
+        target.track_features(drafter.target_features)
     target.reset()
     target.prefill(tokens[:-1])  # the last prompt token is fed with the first draft
+    feed_features(target, drafter)
     drafter.prefill(tokens)
     stats.t_prefill = time.perf_counter() - t_start
     stop_reason = "max_new_tokens"
@@ -60,6 +63,7 @@ def settle(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, to
         new = new[: hit + 1]
     tokens.extend(new)
     target.rollback(tokens)  # the target cache keeps only committed tokens
+    feed_features(target, drafter)
     if draft.side_tokens:
         drafter.observe(draft, logits[len(draft.tokens) + 1:])  # (S, V)
     if drafter.wants_target_logits:  # a drafter that learns online (OSD) reads the target's verified logits
@@ -73,9 +77,16 @@ def settle(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, to
     return hit is not None
 
 
+def feed_features(target: CachedLM, drafter: Drafter) -> None:
+    """Hand a drafter that reads the target's hidden states those of every committed position but the pending one."""
+    if drafter.target_features:
+        drafter.take_features(target.features)  # (len(tokens) - 1, F)
+
+
 def finish(stats: GenerationStats, target: CachedLM, drafter: Drafter, n_prompt: int, n_tokens: int,
            stop_reason: str, t_start: float) -> None:
-    """The generation's totals, from the forward counters."""
+    """The generation's totals, from the forward counters (and the target's feature hooks removed)."""
+    target.untrack_features()
     stats.t_total = time.perf_counter() - t_start
     stats.new_tokens = n_tokens - n_prompt
     stats.target_prefill_forwards = 1 if n_prompt > 1 else 0

@@ -117,6 +117,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "checkpoints, `version=` reloads one", "Liu et al. 2024 (OSD)",
            options=("update_every", "loss", "positions", "lr", "steps", "lora_rank", "teacher_top_k", "buffer_size",
                     "checkpoint_dir", "background", "train_source", "learn", "version"), needs_draft_model=True),
+    Method("medusa", "speculative", "verispec.drafters.medusa:MedusaDrafter.from_ctx",
+           "Medusa-1 heads on the target's last hidden state draft a token tree (medusa_choices; trained by "
+           "`verispec train medusa`, heads=PATH|NAME); verifier=typical-lossy for Medusa's lossy typical acceptance",
+           "Cai et al. 2024 (Medusa)", options=("heads", "tree"), needs_training=True, tree=True),
+    Method("blockwise", "speculative", "verispec.drafters.blockwise:BlockwiseDrafter.from_ctx",
+           "blockwise parallel decoding: k proposal heads on the target's last hidden state draft a chain (trained by "
+           "`verispec train blockwise`, heads=PATH|NAME); the longest agreeing prefix is kept",
+           "Stern et al. 2018", options=("heads",), needs_training=True),
     Method("rest", "speculative", "verispec.drafters.rest:RestDrafter.from_ctx",
            "exact-match retrieval from a suffix-array datastore; a chain, or a token tree with tree_nodes=N",
            "He et al. 2024", options=("datastore", "max_suffix", "min_suffix", "max_occurrences", "tree_nodes"),
@@ -179,6 +187,7 @@ class VerifierRecord:
     build: str
     summary: str
     paper: str = ""
+    lossless: bool = True  # False: the rule changes the output distribution (its name says "lossy")
 
     def load(self):
         return _resolve(self.build)
@@ -194,6 +203,10 @@ VERIFIERS: dict[str, VerifierRecord] = {v.name: v for v in [
     VerifierRecord("traversal", "verispec.verifiers.traversal:TraversalVerifier",
                    "traversal verification: token trees decided leaf to root as whole sequences (block verification "
                    "on a chain)", "Weng et al. 2025"),
+    # LOSSY: accepts tokens the target finds typical enough; exact under greedy decoding only.
+    VerifierRecord("typical-lossy", "verispec.verifiers.typical:TypicalVerifier",
+                   "Medusa's typical acceptance, LOSSY: keep x if p(x) > min(0.09, 0.3·exp(−H(p))); exact only under "
+                   "greedy decoding", "Cai et al. 2024 (Medusa)", lossless=False),
 ]}
 
 

@@ -323,7 +323,7 @@ class NativeDecoder:
             o = native.attention(q, k, v, allowed, attn.scaling)  # (1, T, nh, hd)
             x = x + attn.o_proj(o.reshape(1, T, -1).contiguous())
             x = x + mlp(layer.post_attention_layernorm(x))
-        return self.norm(x[0, -n_last:])  # (n_last, H)
+        return self.norm(x[0])[-n_last:]  # (n_last, H): every row normed (per row, so the same bits) for feature taps
 
     @torch.inference_mode()
     def ragged(self, segs) -> torch.Tensor:
@@ -355,4 +355,4 @@ class NativeDecoder:
             x = x + attn.o_proj(torch.cat(o, 1).reshape(N, -1))  # (N, H)
             x = x + mlp(layer.post_attention_layernorm(x))
         rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
-        return self.norm(x[rows])  # (sum n_out, H)
+        return self.norm(x)[rows]  # (sum n_out, H): every row normed (per row: the same bits) for feature taps

@@ -41,6 +41,14 @@ class Drafter:
         """Called before `commit`, when `wants_target_logits`, with the target's raw (K+1, V) logits at the pending
         token and the K draft nodes (row i predicts the token after the pending token and drafts 0..i-1)."""
 
+    # Target features (`verispec.features`): names of the target hidden states this drafter reads ("final", or the
+    # input of layer i). The engine then calls `take_features` after the prefill and after every round with the
+    # (N, F) features of the N committed positions the target has cached (all but the pending token).
+    target_features: tuple = ()
+
+    def take_features(self, features: torch.Tensor) -> None:
+        """Receive the target's features of the committed positions (row i: after tokens[:i + 1])."""
+
     # The batched engine (`verispec.batch`) calls these class methods with every running sequence's drafter of
     # this class. The defaults loop; a drafter whose work is a model forward overrides them to share one forward.
     @classmethod
