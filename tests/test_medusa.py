@@ -49,8 +49,10 @@ def test_sparse_tree_takes_the_most_probable_connected_paths():
     compile_tree(paths)  # connected
 
 
-def pattern_world(tmp_path, n_seq: int = 12, length: int = 40):
-    """A feature store whose tokens follow a fixed cycle: head k can learn token t+k+1 from the hidden state."""
+def pattern_world(tmp_path, n_seq: int = 12, length: int = 40, own: bool = False):
+    """A feature store whose tokens follow a fixed cycle: head k can learn token t+k+1 from the hidden state. own=True:
+    12 cycle tokens, then what the target itself writes after them greedily (self-distillation, as `verispec train`
+    does), so trained heads draft what the target will say."""
     from verispec.distill import STORE_FILE
     from verispec.drafters.layer_skip import fingerprint
 
@@ -61,6 +63,8 @@ def pattern_world(tmp_path, n_seq: int = 12, length: int = 40):
     lm = verispec.cache.CachedLM(target)
     for s in range(n_seq):
         seq = [(3 * (i + s)) % 17 + 1 for i in range(length)]
+        if own:
+            seq = seq[:12] + verispec.generate(target, seq[:12], method="ar", max_new_tokens=length - 12).token_ids
         lm.track_features(("final",))
         lm.reset()
         lm.prefill(seq)
@@ -147,3 +151,72 @@ def test_typical_threshold_follows_medusa():
     flat = torch.full((8,), 1 / 8)
     assert v.threshold(flat) == pytest.approx(min(0.09, 0.3 * np.exp(-np.log(8))))
     assert v.threshold(torch.tensor([1.0, 0, 0])) == pytest.approx(0.09)
+
+
+class VllmMedusaShape(torch.nn.Module):
+    """The module structure vLLM's Medusa loads (vllm/model_executor/models/medusa.py: `blocks[h].layers[l]` linears
+    with bias when `medusa_fc_bias`, one `lm_head` shared by every head when `original_lm_head`), to load an export
+    strictly: every name and shape must match."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        H = cfg["hidden_size"]
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Module() for _ in range(cfg["num_heads"]))
+        for b in self.blocks:
+            b.layers = torch.nn.ModuleList(torch.nn.Linear(H, H, bias=cfg["medusa_fc_bias"])
+                                           for _ in range(cfg["num_hidden_layers"]))
+        self.lm_heads = torch.nn.ModuleList([torch.nn.Linear(H, cfg["truncated_vocab_size"], bias=False)])
+
+
+def test_vllm_export_has_the_fields_and_shapes_vllm_reads(tmp_path):
+    from safetensors.torch import load_file
+
+    from verispec.export import export_vllm
+
+    target = tiny_llama(64, seed=7)
+    torch.manual_seed(1)
+    heads = MedusaHeads(32, 3, 1, vocab_ids=torch.tensor([1, 4, 9, 20]))
+    from verispec.drafters.layer_skip import fingerprint
+
+    save_drafter(tmp_path / "h", "medusa", heads.config(), heads.tensors(), "tiny", fingerprint(target))
+    out = export_vllm(tmp_path / "h", tmp_path / "vllm", LoadedModel(target, None, "tiny"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["MedusaModel"] and cfg["model_type"] == "medusa"
+    assert (cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"], cfg["num_hidden_layers"],
+            cfg["truncated_vocab_size"]) == (32, 64, 3, 1, 4)
+    t = load_file(str(out / "model.safetensors"))
+    token_map = t.pop("token_map")
+    assert token_map.dtype == torch.int64 and token_map.tolist() == [1, 4, 9, 20]
+    VllmMedusaShape(cfg).load_state_dict(t, strict=True)  # names and shapes as vLLM's module has them
+    torch.testing.assert_close(t["lm_heads.0.weight"], target.lm_head.weight[token_map])
+    torch.testing.assert_close(t["blocks.1.layers.0.weight"], heads.heads[1][0].linear.weight)
+    with pytest.raises(ValueError, match="exists"):
+        export_vllm(tmp_path / "h", tmp_path / "vllm", LoadedModel(target, None, "tiny"))
+
+
+def test_train_and_generate_commands_end_to_end(folders, tmp_path, capsys):
+    """`verispec train medusa` on a local tiny model (store from standard-library prompts, a few steps), then
+    `verispec generate --drafter medusa:FOLDER` (greedy: AR's tokens) and `verispec export vllm`."""
+    from verispec.cli import main, trained_drafter
+
+    t = str(folders / "t")
+    out, work = tmp_path / "heads", tmp_path / "work"
+    assert main(["train", "medusa", "--target", t, "--prompts", "3", "--prompt-len", "16", "--completion-len", "4",
+                 "--steps", "6", "--batch", "8", "--draft-vocab", "0", "--heads", "2", "--out", str(out),
+                 "--workdir", str(work)]) == 0
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["folder"] == str(out) and summary["store_tokens"] == 3 * 19
+    capsys.readouterr()
+    assert main(["generate", "--target", t, "--drafter", f"medusa:{out}", "--prompt", "w1 w2 w3", "--json",
+                 "--max-new-tokens", "6"]) == 0
+    med = json.loads(capsys.readouterr().out)
+    assert main(["generate", "--target", t, "--prompt", "w1 w2 w3", "--json", "--max-new-tokens", "6"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == med["token_ids"]
+    assert med["stats"]["method"] == "medusa"
+    assert main(["export", "vllm", str(out), str(tmp_path / "v"), "--target", t]) == 0
+    assert "--speculative-config" in capsys.readouterr().out
+    opts: dict = {}
+    assert trained_drafter("qwen2.5-coder-0.5b", None, opts) == ("qwen2.5-coder-0.5b", None) and not opts
+    with pytest.raises(ValueError, match="but --method is sd"):
+        trained_drafter("medusa:x", "sd", {})

@@ -350,6 +350,19 @@ def cmd_build_llamacpp(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    """`verispec export vllm DRAFTER OUT --target NAME`: a trained drafter in vLLM's checkpoint layout."""
+    import json as _json
+
+    from verispec import export
+    from verispec.drafters.folder import resolve
+
+    path = export.export_vllm(a.drafter, a.out, a.target)
+    kind = _json.loads((resolve(a.drafter) / "config.json").read_text())["kind"]
+    print(f"{path}\nserve it with: {export.vllm_command(path, kind, a.target_hf or a.target, a.k)}")
+    return 0
+
+
 def cmd_methods(a) -> int:
     from verispec.registry import describe
 
@@ -557,6 +570,16 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--sdist", help="a local llama-cpp-python sdist instead of downloading it (sha256-checked)")
     lb.add_argument("--jobs", type=int, help="parallel compile jobs (default: every core)")
     lb.set_defaults(func=cmd_build_llamacpp)
+
+    ex = sub.add_parser("export", help="write a trained drafter (medusa, eagle) in vLLM's checkpoint layout",
+                        epilog="example: verispec export vllm medusa-qwen2.5-coder-1.5b runs/medusa-vllm")
+    ex.add_argument("format", choices=["vllm"])
+    ex.add_argument("drafter", help="a drafter folder (path or name under $VERISPEC_HOME/drafters)")
+    ex.add_argument("out", help="a new folder")
+    ex.add_argument("--target", default="qwen2.5-coder-1.5b", help="the target it was trained for")
+    ex.add_argument("--target-hf", help="the target's Hugging Face id, for the printed vllm serve line")
+    ex.add_argument("-k", type=int, default=4, help="num_speculative_tokens in the printed vllm serve line")
+    ex.set_defaults(func=cmd_export)
 
     ms = sub.add_parser("methods", help="list every method and policy: what it needs, which options it takes")
     ms.set_defaults(func=cmd_methods)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from verispec.cache import CachedLM
+from verispec.drafters.base import NoDrafter
 
 STORE_FILE = "store.json"
 
@@ -50,6 +51,18 @@ def corpus_prompts(tokenizer, n: int, length: int, seed: int = 0, corpus: str = 
     return out
 
 
+class _Recorder(NoDrafter):
+    """Plain AR decoding (no drafts) that keeps the target features the engine hands over: one pass over each
+    sequence gives its tokens and features (no second forward)."""
+
+    def __init__(self, spec):
+        self.target_features = tuple(spec)
+        self.features = None
+
+    def take_features(self, f):
+        self.features = f  # a view of the cache's rows; final once the generation ends
+
+
 @dataclass
 class StoreInfo:
     path: Path
@@ -71,7 +84,6 @@ def build_store(target, out: str | Path, spec=("final",), *, prompts: int = 64, 
     """Generate the store: for each corpus prompt, the target's completion (greedy, or sampled at T = 0.7 for a
     `sampled_share` of prompts), then one forward over prompt + completion with the feature tap on. Stops early at
     the `minutes` / `tokens` budget (what was written is a complete, smaller store)."""
-    from verispec.drafters.base import NoDrafter
     from verispec.drafters.layer_skip import fingerprint
     from verispec.engine import decode
     from verispec.models.load import load_model
@@ -95,14 +107,12 @@ def build_store(target, out: str | Path, spec=("final",), *, prompts: int = 64, 
         sampled = rng.random() < sampled_share
         sampling = Sampling(temperature=0.7, seed=seed * 100003 + i) if sampled else Sampling()
         gen = torch.Generator().manual_seed(sampling.seed)
-        new, _ = decode(lm, NoDrafter(), RejectionVerifier(), FixedGamma(1), prompt, max_new_tokens=completion_len,
+        rec = _Recorder(spec)
+        new, _ = decode(lm, rec, RejectionVerifier(), FixedGamma(1), prompt, max_new_tokens=completion_len,
                         sampling=sampling, stop_ids=target.stop_ids, method="ar", generator=gen)
-        seq = prompt + new
-        lm.track_features(spec)
-        lm.reset()
-        lm.prefill(seq)
-        feats = lm.features.to(torch.float16).numpy()  # (T, F)
-        lm.untrack_features()
+        seq = (prompt + new)[:-1]  # the newest token was never fed: it has no features
+        feats = rec.features.to(torch.float16).numpy()  # (T, F), the features AR decoding computed anyway
+        assert feats.shape[0] == len(seq)
         name = f"shard-{i:05d}"
         np.save(out / f"{name}.tokens.npy", np.asarray(seq, dtype=np.int32))
         np.save(out / f"{name}.features.npy", feats)

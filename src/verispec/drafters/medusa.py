@@ -49,6 +49,12 @@ class ResBlock(nn.Module):
         return x + F.silu(self.linear(x))
 
 
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's (N, K) weight as a plain tensor, whatever backend packed it (oneDNN, GGUF blocks)."""
+    w = linear.dense_weight() if hasattr(linear, "dense_weight") else linear.weight
+    return w.to_dense() if getattr(w, "is_mkldnn", False) else w
+
+
 class OutputRows(nn.Module):
     """The target's output layer, frozen, restricted to `vocab_ids`. With the whole vocabulary at inference it is
     the target's own module (its packed kernel); otherwise dense rows (differentiable in x, for training)."""
@@ -59,7 +65,7 @@ class OutputRows(nn.Module):
         self.full = head if vocab_ids is None and not dense else None
         if self.full is None:
             with torch.no_grad():
-                w = head.weight  # (V, H); a packed layer dequantizes it here, once
+                w = dense_weight(head)  # (V, H); a packed layer dequantizes it here, once
                 rows = w if vocab_ids is None else w[vocab_ids]
                 self.register_buffer("weight", rows.float().clone(), persistent=False)  # (Vd, H)
                 b = getattr(head, "bias", None)
