@@ -248,7 +248,7 @@ class BatchEngine:
                 self._end(s, "error", f"prefill failed: {e}")
             return
         for s in streams:
-            feed_features(s.lm, s.drafter)
+            feed_features(s.lm, s.drafter, s.tokens)
         for group in _by_class(streams):
             try:
                 type(group[0].drafter).prefill_batch([s.drafter for s in group], [s.tokens for s in group])

@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="fit what a method learns offline (layer-skip: the target's skip set)",
                         epilog="example: verispec train layer-skip --target qwen2.5-coder-1.5b --minutes 10")
-    tr.add_argument("what", choices=["layer-skip", "medusa", "blockwise"])
+    tr.add_argument("what", choices=["layer-skip", "medusa", "blockwise", "eagle"])
     tr.add_argument("--target", default="qwen2.5-coder-1.5b")
     tr.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
     tr.add_argument("--tokens", type=int, default=None,

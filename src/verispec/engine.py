@@ -31,7 +31,7 @@ def decode(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, pr
         target.track_features(drafter.target_features)
     target.reset()
     target.prefill(tokens[:-1])  # the last prompt token is fed with the first draft
-    feed_features(target, drafter)
+    feed_features(target, drafter, tokens)
     drafter.prefill(tokens)
     stats.t_prefill = time.perf_counter() - t_start
     stop_reason = "max_new_tokens"
@@ -63,7 +63,7 @@ def settle(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, to
         new = new[: hit + 1]
     tokens.extend(new)
     target.rollback(tokens)  # the target cache keeps only committed tokens
-    feed_features(target, drafter)
+    feed_features(target, drafter, tokens)
     if draft.side_tokens:
         drafter.observe(draft, logits[len(draft.tokens) + 1:])  # (S, V)
     if drafter.wants_target_logits:  # a drafter that learns online (OSD) reads the target's verified logits
@@ -77,10 +77,11 @@ def settle(target: CachedLM, drafter: Drafter, verifier, policy: DraftPolicy, to
     return hit is not None
 
 
-def feed_features(target: CachedLM, drafter: Drafter) -> None:
-    """Hand a drafter that reads the target's hidden states those of every committed position but the pending one."""
+def feed_features(target: CachedLM, drafter: Drafter, tokens: list[int]) -> None:
+    """Hand a drafter that reads the target's hidden states those of every committed position but the pending one
+    (the cache may hold the pending token too, when a draft node happened to carry it: its row is not handed over)."""
     if drafter.target_features:
-        drafter.take_features(target.features)  # (len(tokens) - 1, F)
+        drafter.take_features(target.features[: len(tokens) - 1])  # (len(tokens) - 1, F)
 
 
 def finish(stats: GenerationStats, target: CachedLM, drafter: Drafter, n_prompt: int, n_tokens: int,

@@ -125,6 +125,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "blockwise parallel decoding: k proposal heads on the target's last hidden state draft a chain (trained by "
            "`verispec train blockwise`, heads=PATH|NAME); the longest agreeing prefix is kept",
            "Stern et al. 2018", options=("heads",), needs_training=True),
+    Method("eagle", "speculative", "verispec.drafters.eagle:EagleDrafter.from_ctx",
+           "EAGLE: one trained decoder layer drafts at the feature level on the target's hidden states (EAGLE-1: "
+           "its final feature; EAGLE-3: three fused layer inputs), grown as an EAGLE-2 dynamic tree (top_k, nodes; "
+           "tree=chain for a chain); trained by `verispec train eagle`, heads=PATH|NAME",
+           "Li et al. 2024 (EAGLE, EAGLE-2); Li et al. 2025 (EAGLE-3)", options=("heads", "tree", "top_k", "nodes"),
+           needs_training=True, tree=True),
     Method("rest", "speculative", "verispec.drafters.rest:RestDrafter.from_ctx",
            "exact-match retrieval from a suffix-array datastore; a chain, or a token tree with tree_nodes=N",
            "He et al. 2024", options=("datastore", "max_suffix", "min_suffix", "max_occurrences", "tree_nodes"),
