@@ -120,7 +120,9 @@ def make_options(options, ids, V, target) -> dict:
 # combinations whose parts have their own χ² variants (vertical and horizontal cascade, one staged sibling, a given
 # skip set, a chain of heads), kept in the greedy test only to bound the suite's time.
 LAW_SKIP = {("lookahead", "paper"), ("cascade", "both-nasd"), ("staged", "wide"), ("layer-skip", "bi"),
-            ("medusa", "chain")}  # medusa's chain is blockwise's code path (MedusaDrafter's chain branch)
+            ("medusa", "chain"), ("eagle", "chain")}
+# medusa's chain is blockwise's code path (MedusaDrafter's chain branch); eagle's chain and tree are both
+# deterministic drafts (q = None) of the same layer and cache, told apart by the greedy test
 
 
 def variants(law: bool = False):
@@ -186,7 +188,8 @@ def test_greedy_output_is_ar_output(greedy_world, name, options, verifier):
     if tok is not None:
         target, drafter = LoadedModel(target, tok, "tiny-target"), LoadedModel(drafter, tok, "tiny-drafter")
     out = verispec.generate(target, GREEDY_PROMPT, method=name, drafter=drafter if m.needs_draft_model else None,
-                            gamma=4, max_new_tokens=48, verifier=verifier, **make_options(options, GREEDY_PROMPT + ar, 64, target))
+                            gamma=4, max_new_tokens=48, verifier=verifier,
+                            **make_options(options, GREEDY_PROMPT + ar, 64, target))
     assert out.token_ids == ar
     s = out.stats
     assert 0 < s.accepted < s.drafted, "drafts must be both kept and rejected for the test to mean something"
@@ -230,7 +233,8 @@ def job_for(name: str, options: dict, target, drafter, verifier=None):
 @pytest.mark.parametrize("name,options,verifier", variants(law=True))
 def test_samples_follow_the_target_at_every_draft_position(law_world, name, options, verifier):
     target, drafter, law, text = law_world
-    counts, rounds = draw(job_for(name, make_options(options, LAW_PROMPT + text, V, target), target, drafter, verifier), CHI2_N, seed=5,
+    job = job_for(name, make_options(options, LAW_PROMPT + text, V, target), target, drafter, verifier)
+    counts, rounds = draw(job, CHI2_N, seed=5,
                           n_tokens=N_TOKENS, sampling=SAMPLING, prompt=LAW_PROMPT)
     assert rounds.drafted(K) > CHI2_N // 20, "draft position K was rarely reached: the test would not cover it"
     assert rounds.accepted_at(K) > 0 and rounds.rejected_at(K) > 0

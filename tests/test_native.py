@@ -310,3 +310,29 @@ def test_the_native_decoder_is_transformers_forward_bit_for_bit(arch):
         lean2 = m.lm_head(dec(ids[:, 4:], c2, 2))
     assert torch.equal(hf, lean) and torch.equal(hf2, lean2)
     assert CachedLM(m).lean is not None
+
+
+def test_solo_tree_score_takes_the_ragged_decoder_with_transformers_bits(native_qwen):
+    """CachedLM.score sends a tree on this backend through NativeDecoder.ragged (no per-call overhead); its logits
+    and the KV entries it leaves must be transformers' tree forward, bit for bit."""
+    from transformers import DynamicCache
+
+    from verispec.cache import tree_allowed
+    from verispec.types import Draft
+
+    tokens, draft = [3, 1, 4, 1, 5], Draft(tokens=[9, 2, 6, 5], parents=[-1, -1, 0, 2])
+    lm = CachedLM(native_qwen)
+    lm.reset()
+    lm.prefill(tokens[:-1])
+    got = lm.score(tokens, draft)  # (1 + 4, V)
+    c = DynamicCache(config=native_qwen.config)
+    with torch.no_grad():
+        native_qwen(input_ids=torch.tensor([tokens[:-1]]), past_key_values=c, use_cache=True)
+        allowed = tree_allowed(4, 1, draft.node_parents())  # (5, 9)
+        mask = torch.zeros(1, 1, 5, 9).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        pos = torch.tensor([[4, 5, 5, 6, 7]])
+        ref = native_qwen(input_ids=torch.tensor([[5, 9, 2, 6, 5]]), position_ids=pos, attention_mask=mask,
+                          past_key_values=c, use_cache=True, logits_to_keep=5).logits[0]
+    assert torch.equal(got, ref)
+    for a, b in zip(lm.cache.layers, c.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

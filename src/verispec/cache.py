@@ -166,6 +166,15 @@ class CachedLM:
             return self.forward(list(tokens) + draft.tokens, n_logits=len(draft.tokens) + 1)
         if self.cache is None:
             self.reset()
+        if getattr(self.lean, "trees", False):
+            # the native decoder's ragged forward reads any mask per row: the same bits as transformers' forward
+            # there (tests/test_native.py), without its per-call overhead
+            seg = self.plan(tokens, draft)
+            hidden = self.lean.ragged([seg])  # (1 + K + S, H)
+            head = self.head if self.head is not None else self.model.get_output_embeddings()
+            logits = head(hidden)  # (1 + K + S, V)
+            seg.done()
+            return self._fit_vocab(logits)
         depths = draft.depths()
         nodes = draft.tokens + draft.side_tokens
         parents = draft.node_parents()

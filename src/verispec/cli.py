@@ -309,20 +309,25 @@ def cmd_train_heads(a) -> int:
     work.mkdir(parents=True, exist_ok=True)
     store = Path(a.store) if a.store else work / "store"
     module = importlib.import_module(f"verispec.drafters.{a.what}")
-    spec = getattr(module, "STORE_SPEC", ("final",))
-    if callable(spec):
-        spec = spec(target.model)
+    from verispec.drafters.eagle import STORE_SPEC
+
+    spec = STORE_SPEC(target.model)  # EAGLE-3's layer inputs + the final feature: one store trains every drafter
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     if not (store / STORE_FILE).exists():
         say(f"feature store: {a.prompts} standard-library prompts of {a.prompt_len} tokens, completions of "
             f"{a.completion_len} by {target.name} ({target.backend}: {target.kernel}) -> {store}")
         build_store(target, store, spec, prompts=a.prompts, prompt_len=a.prompt_len, completion_len=a.completion_len,
-                    minutes=a.data_minutes, progress=say)
+                    minutes=30.0 if a.data_minutes is None else a.data_minutes, progress=say)
     data_min = (time.perf_counter() - t0) / 60
-    left = None if a.minutes is None else max(1.0, a.minutes - data_min)
-    summary = module.train_heads(target, store, out, steps=a.steps, batch=a.batch, lr=a.lr, minutes=left,
-                                 tokens=a.tokens, workdir=work, n_heads=a.heads, draft_vocab=a.draft_vocab or None)
+    budget = 55.0 if a.minutes is None else a.minutes  # the default recipe fits in an hour with its data
+    left = max(1.0, budget - data_min)
+    # each method's own recipe unless a flag overrides it (EAGLE: lr 3e-4, 256 tokens per step; Medusa: 1e-3, 64)
+    kw = {k: v for k, v in dict(steps=a.steps, batch=a.batch, lr=a.lr, n_heads=a.heads).items() if v is not None}
+    if a.what == "eagle":
+        kw.update(warm_start=a.warm_start, **({"fusion": a.fusion} if a.fusion else {}))
+    summary = module.train_heads(target, store, out, minutes=left, tokens=a.tokens, workdir=work,
+                                 draft_vocab=a.draft_vocab or None, **kw)
     summary.pop("heads", None)
     summary["data_minutes"] = round(data_min, 2)
     summary["target"] = f"{target.name} ({target.backend}: {target.kernel})"
@@ -546,18 +551,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tokens", type=int, default=None,
                     help="layer-skip: calibration tokens (default 256); heads: training-token budget")
     tr.add_argument("--minutes", type=float, default=None,
-                    help="time budget (layer-skip search: default 10; heads: data + training, default none)")
+                    help="time budget (layer-skip search: default 10; heads: store + training, default 55)")
     tr.add_argument("--out", help="heads: the drafter folder (default $VERISPEC_HOME/drafters/KIND-TARGET)")
     tr.add_argument("--workdir", help="heads: checkpoint, feature store, loss curve (default runs/train/KIND-TARGET)")
     tr.add_argument("--store", help="heads: an existing feature store (default WORKDIR/store, built if missing)")
     tr.add_argument("--prompts", type=int, default=160, help="heads: standard-library prompts for the store")
     tr.add_argument("--prompt-len", type=int, default=96)
     tr.add_argument("--completion-len", type=int, default=48, help="heads: the target's completion per prompt")
-    tr.add_argument("--data-minutes", type=float, default=None, help="heads: budget of the store's generation")
-    tr.add_argument("--steps", type=int, default=1500)
-    tr.add_argument("--batch", type=int, default=64)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--heads", type=int, default=4, help="heads: number of heads (draft depth)")
+    tr.add_argument("--data-minutes", type=float, default=None,
+                    help="heads: budget of the store's generation (default 30)")
+    tr.add_argument("--steps", type=int, help="training steps (medusa/blockwise default 1500, eagle 600)")
+    tr.add_argument("--batch", type=int, help="rows per step (medusa/blockwise 64) or tokens per step (eagle 256)")
+    tr.add_argument("--lr", type=float, help="learning rate (medusa/blockwise 1e-3, eagle 3e-4)")
+    tr.add_argument("--heads", type=int,
+                    help="medusa/blockwise: number of heads (draft depth, default 4); eagle: training-time-test steps")
+    tr.add_argument("--fusion", choices=["eagle1", "eagle3"], help="eagle: which features it fuses (default eagle3)")
+    tr.add_argument("--warm-start", action="store_true", help="eagle: start the layer from the target's last layer")
     tr.add_argument("--draft-vocab", type=int, default=16384, help="heads: draft vocabulary size (0 = full)")
     tr.add_argument("--pool", type=int, default=8, help="candidate layers tried per step (lowest block influence)")
     tr.add_argument("--max-ratio", type=float, default=0.6, help="largest share of layers skipped")

@@ -1,9 +1,9 @@
 """Self-distillation data for trained drafters (Medusa, EAGLE, blockwise heads): the target's own text and features.
 
 A *feature store* is a folder of shards. Each shard holds one sequence: `tokens` (T,) int32 and `features`
-(T, F) float16 (two .npy files), row i the target's hidden states after tokens[:i + 1] (`verispec.features`), memory-mapped on
-read so epochs re-read features instead of re-running the target. Sequences are a prompt from a corpus the
-benchmark never uses (Python standard-library source, test files excluded) followed by the target's own completion
+(T, F) float16 (two .npy files), row i the target's hidden states after tokens[:i + 1] (`verispec.features`),
+memory-mapped on read so epochs re-read features instead of re-running the target. Sequences are a prompt from a
+corpus the benchmark never uses (Python standard-library source, test files excluded) followed by the target's own completion
 of it, greedy or sampled (T = 0.7), so the heads learn what *this* target says after what it reads. `store.json`
 (the target's fingerprint, the feature names, per-shard sizes) is written last, after every shard: a store
 without it is incomplete and refused.

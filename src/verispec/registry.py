@@ -120,16 +120,16 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("medusa", "speculative", "verispec.drafters.medusa:MedusaDrafter.from_ctx",
            "Medusa-1 heads on the target's last hidden state draft a token tree (medusa_choices; trained by "
            "`verispec train medusa`, heads=PATH|NAME); verifier=typical-lossy for Medusa's lossy typical acceptance",
-           "Cai et al. 2024 (Medusa)", options=("heads", "tree"), needs_training=True, tree=True),
+           "Cai et al. 2024 (Medusa)", options=("heads", "tree", "weights"), needs_training=True, tree=True),
     Method("blockwise", "speculative", "verispec.drafters.blockwise:BlockwiseDrafter.from_ctx",
            "blockwise parallel decoding: k proposal heads on the target's last hidden state draft a chain (trained by "
            "`verispec train blockwise`, heads=PATH|NAME); the longest agreeing prefix is kept",
-           "Stern et al. 2018", options=("heads",), needs_training=True),
+           "Stern et al. 2018", options=("heads", "weights"), needs_training=True),
     Method("eagle", "speculative", "verispec.drafters.eagle:EagleDrafter.from_ctx",
            "EAGLE: one trained decoder layer drafts at the feature level on the target's hidden states (EAGLE-1: "
            "its final feature; EAGLE-3: three fused layer inputs), grown as an EAGLE-2 dynamic tree (top_k, nodes; "
            "tree=chain for a chain); trained by `verispec train eagle`, heads=PATH|NAME",
-           "Li et al. 2024 (EAGLE, EAGLE-2); Li et al. 2025 (EAGLE-3)", options=("heads", "tree", "top_k", "nodes"),
+           "Li et al. 2024 (EAGLE, EAGLE-2); Li et al. 2025 (EAGLE-3)", options=("heads", "tree", "top_k", "nodes", "weights"),
            needs_training=True, tree=True),
     Method("rest", "speculative", "verispec.drafters.rest:RestDrafter.from_ctx",
            "exact-match retrieval from a suffix-array datastore; a chain, or a token tree with tree_nodes=N",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from verispec.drafters import medusa
-from verispec.drafters.medusa import MedusaDrafter, MedusaHeads, load_heads
+from verispec.drafters.medusa import MedusaDrafter, MedusaHeads, draft_weights, load_heads
 
 KIND = "blockwise"
 
@@ -66,13 +66,16 @@ class BlockwiseDrafter(MedusaDrafter):
 
     @classmethod
     def from_ctx(cls, ctx) -> "BlockwiseDrafter":
-        heads, _ = load_heads(ctx.options.get("heads"), ctx.target, KIND, BlockwiseHeads)
-        unknown = set(ctx.options) - {"heads"}
+        source = ctx.options.get("heads")
+        heads, _ = load_heads(source, ctx.target, KIND, BlockwiseHeads)
+        unknown = set(ctx.options) - {"heads", "weights"}
         if unknown:
             raise ValueError(f"unknown blockwise option(s): {', '.join(sorted(unknown))}")
-        return cls(heads.bind(ctx.target.model), None, ctx.stop_ids)
+        weights = ctx.options.get("weights", "auto")
+        return cls(draft_weights(heads.bind(ctx.target.model), weights, source, ctx.target.model), None,
+                   ctx.stop_ids)
 
 
 def train_heads(target, store, out=None, **kw) -> dict:
-    """`verispec.drafters.medusa.train_heads` with proposal heads (the tree it measures is unused: drafts are chains)."""
+    """`verispec.drafters.medusa.train_heads` with proposal heads (the tree it measures is unused: chains)."""
     return medusa.train_heads(target, store, out, heads_cls=BlockwiseHeads, kind=KIND, **kw)

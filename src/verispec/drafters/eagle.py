@@ -59,7 +59,7 @@ from torch import nn
 
 from verispec.cache import output_width
 from verispec.drafters.base import Drafter, bounded_chain
-from verispec.drafters.medusa import OutputRows, dense_weight, draft_vocabulary, load_heads
+from verispec.drafters.medusa import WEIGHTS, OutputRows, dense_weight, draft_vocabulary, load_heads
 from verispec.types import Draft
 from verispec.validate import check_int
 
@@ -410,7 +410,9 @@ class EagleDrafter(Drafter):
     @classmethod
     def from_ctx(cls, ctx) -> "EagleDrafter":
         opts = dict(ctx.options)
-        model, _ = load_heads(opts.pop("heads", None), ctx.target, KIND, cls=EagleModel)
+        source = opts.pop("heads", None)
+        model, _ = load_heads(source, ctx.target, KIND, cls=EagleModel)
+        weights = opts.pop("weights", "auto")
         kw = {k: opts.pop(k) for k in ("tree", "top_k", "nodes") if k in opts}
         if opts:
             raise ValueError(f"unknown eagle option(s): {', '.join(opts)}")
@@ -418,7 +420,20 @@ class EagleDrafter(Drafter):
         if model.eagle3 and L != model.cfg["target_layers"]:
             raise ValueError(f"this EAGLE-3 layer fuses layers {model.cfg['aux_layers']} of a "
                              f"{model.cfg['target_layers']}-layer target; this target has {L}")
-        return cls(model.bind(ctx.target.model), stop_ids=ctx.stop_ids, **kw)
+        model = model.bind(ctx.target.model)
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+        if weights == "int4" or (weights == "auto" and not isinstance(source, nn.Module)):
+            # the layer, fc and output rows on the int4 kernel: a draft step reads ~1/6 of the fp32 bytes (the
+            # drafts may change; what the verifier keeps does not). A caller's object is copied first.
+            from verispec.kernels.int4 import quantize_linears
+
+            if isinstance(source, nn.Module):
+                model = EagleModel.from_tensors(model.cfg, model.tensors()).bind(ctx.target.model)
+            quantize_linears(model)
+            if model.out is not None:
+                model.out.quantize()
+        return cls(model, stop_ids=ctx.stop_ids, **kw)
 
     def _reset(self) -> None:
         cfg = self.model.cfg
