@@ -149,6 +149,20 @@ def open_store(path: str | Path) -> StoreInfo:
     return info
 
 
+def open_store_for(target, store) -> tuple:
+    """(LoadedModel, StoreInfo, fingerprint) of a store this target made; another target's store is refused."""
+    from verispec.drafters.layer_skip import fingerprint
+    from verispec.models.load import load_model
+
+    target = load_model(target)
+    info = open_store(store)
+    fp = fingerprint(target.model)
+    if info.fingerprint != fp:
+        raise ValueError(f"the feature store {info.path} was made by target {info.target!r} (fingerprint "
+                         f"{info.fingerprint}), not this one ({fp})")
+    return target, info, fp
+
+
 def load_sequences(info: StoreInfo) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every shard's (tokens (T,), features (T, F)), memory-mapped: epochs read rows from disk, not the target."""
     out = []

@@ -48,15 +48,9 @@ class BlockwiseHeads(MedusaHeads):
         return {**super().config(), "inner_size": self.inner}
 
     @classmethod
-    def from_tensors(cls, cfg: dict, tensors: dict[str, torch.Tensor]) -> "BlockwiseHeads":
-        heads = cls(int(cfg["hidden_size"]), int(cfg["num_heads"]), int(cfg["num_layers"]), tensors.get("vocab_ids"),
-                    int(cfg.get("inner_size") or cfg["hidden_size"]))
-        missing, unexpected = heads.load_state_dict({k: v for k, v in tensors.items() if k != "vocab_ids"},
-                                                    strict=False)
-        if [m for m in missing if m != "vocab_ids"] or unexpected:
-            raise ValueError(f"the blockwise weights do not match their config (missing {missing}, unexpected "
-                             f"{unexpected})")
-        return heads
+    def from_config(cls, cfg: dict, vocab_ids: torch.Tensor | None) -> "BlockwiseHeads":
+        return cls(int(cfg["hidden_size"]), int(cfg["num_heads"]), int(cfg["num_layers"]), vocab_ids,
+                   int(cfg.get("inner_size") or cfg["hidden_size"]))
 
 
 class BlockwiseDrafter(MedusaDrafter):

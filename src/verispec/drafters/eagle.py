@@ -698,18 +698,11 @@ def train_heads(target, store, out: str | Path | None = None, *, fusion: str | N
     per step (batch // window windows of `window` positions). ttt_steps: training-time-test steps (default n_heads,
     the CLI's --heads, else 1 for EAGLE-1 and 3 for EAGLE-3). Returns a summary (steps, tokens, losses, held-out
     top-1 agreement with the target per draft depth, the folder)."""
-    from verispec.distill import load_sequences, open_store
+    from verispec.distill import load_sequences, open_store_for
     from verispec.drafters.folder import save_drafter
-    from verispec.drafters.layer_skip import fingerprint
-    from verispec.models.load import load_model
     from verispec.training import train
 
-    target = load_model(target)
-    info = open_store(store)
-    fp = fingerprint(target.model)
-    if info.fingerprint != fp:
-        raise ValueError(f"the feature store {info.path} was made by target {info.target!r} (fingerprint "
-                         f"{info.fingerprint}), not this one ({fp})")
+    target, info, fp = open_store_for(target, store)
     has_aux = any(s != FINAL for s in info.spec)
     fusion = fusion or ("eagle3" if has_aux else "eagle1")
     if fusion not in FUSIONS:

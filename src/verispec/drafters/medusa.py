@@ -137,12 +137,16 @@ class MedusaHeads(nn.Module):
         return t
 
     @classmethod
+    def from_config(cls, cfg: dict, vocab_ids: torch.Tensor | None) -> "MedusaHeads":
+        return cls(int(cfg["hidden_size"]), int(cfg["num_heads"]), int(cfg["num_layers"]), vocab_ids)
+
+    @classmethod
     def from_tensors(cls, cfg: dict, tensors: dict[str, torch.Tensor]) -> "MedusaHeads":
-        heads = cls(int(cfg["hidden_size"]), int(cfg["num_heads"]), int(cfg["num_layers"]), tensors.get("vocab_ids"))
+        heads = cls.from_config(cfg, tensors.get("vocab_ids"))
         missing, unexpected = heads.load_state_dict({k: v for k, v in tensors.items() if k != "vocab_ids"},
                                                     strict=False)
         if [m for m in missing if m != "vocab_ids"] or unexpected:
-            raise ValueError(f"the Medusa weights do not match their config (missing {missing}, unexpected "
+            raise ValueError(f"the {cls.__name__} weights do not match their config (missing {missing}, unexpected "
                              f"{unexpected})")
         return heads
 
@@ -401,18 +405,11 @@ def train_heads(target, store, out: str | Path | None = None, *, heads_cls=Medus
                 progress: bool = True, head_options: dict | None = None) -> dict:
     """Train heads on a feature store (`verispec.distill`) of this target and write a drafter folder to `out`
     (None: only return). Returns a summary: steps, tokens, minutes, held-out accuracies, the tree, the folder."""
-    from verispec.distill import load_sequences, open_store
+    from verispec.distill import load_sequences, open_store_for
     from verispec.drafters.folder import save_drafter
-    from verispec.drafters.layer_skip import fingerprint
-    from verispec.models.load import load_model
     from verispec.training import train
 
-    target = load_model(target)
-    info = open_store(store)
-    fp = fingerprint(target.model)
-    if info.fingerprint != fp:
-        raise ValueError(f"the feature store {info.path} was made by target {info.target!r} (fingerprint "
-                         f"{info.fingerprint}), not this one ({fp})")
+    target, info, fp = open_store_for(target, store)
     if "final" not in info.spec:
         raise ValueError(f"{kind} heads read the final hidden state; the store holds {info.spec}")
     check_int("steps", steps, 1)
