@@ -816,13 +816,10 @@ def export_vllm(folder: str | Path, out: str | Path, target=None) -> Path:
     if layers != [2, L // 2, L - 3]:
         raise ValueError(f"the layer fuses target layers {layers} (clamped for a {L}-layer target); vLLM takes "
                          f"(2, L//2, L-3) = {[2, L // 2, L - 3]}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     weights = {k: v.detach().contiguous() for k, v in state.items() if k not in ("d2t", "t2d")}
     weights["d2t"] = model.d2t.long().contiguous()  # (Vd,) int64
     weights["t2d"] = model.t2d.bool().contiguous()  # (V,) bool
-    save_file(weights, str(out / "model.safetensors"))
     config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
               "hidden_size": H, "intermediate_size": cfg["intermediate_size"],
               "num_attention_heads": cfg["num_attention_heads"], "num_key_value_heads": cfg["num_key_value_heads"],
@@ -833,5 +830,11 @@ def export_vllm(folder: str | Path, out: str | Path, target=None) -> Path:
               "tie_word_embeddings": False, "torch_dtype": "float32",
               "eagle_config": {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": layers},
               "verispec": {"source": str(path), "target": cfg.get("target")}}
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    return out
+
+    def write(tmp: Path) -> None:
+        save_file(weights, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+
+    from verispec.export import _atomic_dir
+
+    return _atomic_dir(out, write)  # a new folder, renamed into place: a failed export leaves nothing

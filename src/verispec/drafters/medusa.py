@@ -263,9 +263,6 @@ class MedusaDrafter(Drafter):
         return cls(draft_weights(heads.bind(ctx.target.model), weights, source, ctx.target.model), plan,
                    ctx.stop_ids)
 
-    def prefill(self, tokens):
-        pass
-
     def take_features(self, features):
         self.h = features[-1].clone() if len(features) else None  # (H,) after tokens[:-1]: heads draft past tokens[-1]
 
