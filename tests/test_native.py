@@ -312,6 +312,38 @@ def test_the_native_decoder_is_transformers_forward_bit_for_bit(arch):
     assert CachedLM(m).lean is not None
 
 
+def test_fused_projections_give_each_part_its_own_bits_and_keep_the_weights_once():
+    """NativeDecoder runs q/k (and v where its type matches) and gate/up as one kernel call each: every output
+    must be the part's own bits, the parts must keep working (transformers' forward calls them) as views of the
+    fused blocks, and parts that cannot share a call are left apart."""
+    from verispec.backends.native import fuse, fused_layer
+
+    m = to_native(_tiny("qwen2", seed=5), types=K_QUANTS)
+    layer = m.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    h = torch.randn(5, m.config.hidden_size)
+    names = {"q_proj": attn, "k_proj": attn, "v_proj": attn, "gate_proj": mlp, "up_proj": mlp}
+    before = {n: getattr(mod, n)(h) for n, mod in names.items()}
+    qkv, gu = fused_layer(layer)
+    assert [ns for _, ns in qkv] == [["q_proj", "k_proj"], ["v_proj"]]  # v is Q6_K in a Q4_K_M file
+    assert fused_layer(layer)[1] is gu  # built once per layer
+    q, k = qkv[0][0](h).split(qkv[0][0].widths, -1)
+    g, u = gu(h).split(gu.widths, -1)
+    got = {"q_proj": q, "k_proj": k, "v_proj": qkv[1][0](h), "gate_proj": g, "up_proj": u}
+    for n, mod in names.items():
+        assert torch.equal(got[n], before[n]), n
+        assert torch.equal(getattr(mod, n)(h), before[n]), n  # the part itself, now a view
+    assert attn.k_proj.q.untyped_storage().data_ptr() == qkv[0][0].q.untyped_storage().data_ptr()
+    assert mlp.up_proj.bias is None and attn.k_proj.bias is not None
+    assert fuse([attn.k_proj, attn.v_proj]) is None  # Q4_K next to Q6_K
+    a, b = NativeLinear(_layer("Q4_K", N=37, seed=1)[0]), NativeLinear(_layer("Q4_K", N=48, seed=2)[0])
+    assert fuse([a, b]) is None  # 37 rows: its padding would sit inside the fused output
+    x = torch.randn(3, a.in_features)
+    ya, yb = a(x), b(x)
+    f = fuse([b, a])
+    assert f.widths == [48, 37] and torch.equal(f(x), torch.cat([yb, ya], -1))
+
+
 def test_solo_tree_score_takes_the_ragged_decoder_with_transformers_bits(native_qwen):
     """CachedLM.score sends a tree on this backend through NativeDecoder.ragged (no per-call overhead); its logits
     and the KV entries it leaves must be transformers' tree forward, bit for bit."""

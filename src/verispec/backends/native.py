@@ -65,6 +65,12 @@ class NativeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        mod = native.kernels()[1]
+        if mod is not None:  # the C++ path straight away: this call runs ~200 times per forward
+            b = self._buffers
+            y = mod.qmm(x.reshape(-1, self.in_features).float().contiguous(), b["q"], b["sc"], b["mn"], b["D"],
+                        b["Dm"], self.out_features, *self._fmt, b["bias"])  # (M, N)
+            return y.view(*shape[:-1], self.out_features)
         p = self.packed
         y = native.qmm(x.reshape(-1, self.in_features), p, self.out_features, *self._fmt, self.bias)  # (M, N)
         if "_codes" in p and not hasattr(self, "_codes"):
@@ -134,6 +140,60 @@ class NativeMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(native.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def fuse(parts: list[NativeLinear]) -> NativeLinear | None:
+    """One NativeLinear computing `parts` side by side (their outputs concatenated, in order), for one kernel call
+    and one activation quantization where there were several; or None where they differ in block type, input width
+    or bias, or an inner part's width is not a multiple of 16 (its padding rows would land inside the output).
+    Each output row block is computed on its own, so every value is the same bits as the part's own call. The parts'
+    buffers become views of the fused ones: the weights stay in memory once."""
+    first = parts[0]
+    if (len(parts) < 2 or any(p.type != first.type or p.in_features != first.in_features for p in parts)
+            or any(p.out_features % 16 for p in parts[:-1]) or len({p.bias is None for p in parts}) > 1):
+        return None
+    f = NativeLinear.__new__(NativeLinear)
+    nn.Module.__init__(f)
+    f.type, f._fmt, f.in_features = first.type, first._fmt, first.in_features
+    f.out_features = sum(p.out_features for p in parts)
+    for k in ("q", "sc", "D"):
+        f.register_buffer(k, torch.cat([getattr(p, k) for p in parts]), persistent=False)
+    for k, base in (("mn", "sc"), ("Dm", "D")):  # Q6_K's offsets are its scales: keep them one tensor
+        shared = all(getattr(p, k) is getattr(p, base) for p in parts)
+        f.register_buffer(k, getattr(f, base) if shared else torch.cat([getattr(p, k) for p in parts]),
+                          persistent=False)
+    f.register_buffer("bias", None if first.bias is None else torch.cat([p.bias for p in parts]), persistent=False)
+    at = 0
+    for p in parts:
+        nb = p.q.shape[0]
+        for k in ("q", "sc", "mn", "D", "Dm"):
+            setattr(p, k, getattr(f, k)[at:at + nb])
+        if p.bias is not None:
+            p.bias = f.bias[16 * at:16 * at + p.out_features]
+        at += nb
+    f.widths = [p.out_features for p in parts]
+    return f
+
+
+def fused_layer(layer: nn.Module) -> tuple[list[tuple[NativeLinear, list[str]]], NativeLinear | None]:
+    """A decoder layer's projections grouped for `NativeDecoder`, built once per layer and kept on it: runs of
+    q/k/v of one block type as one call each ([(linear, names)]), and gate+up as one call (or None)."""
+    got = getattr(layer, "_vs_fused", None)
+    if got is None:
+        attn = layer.self_attn
+        runs: list[list[str]] = []
+        for n in ("q_proj", "k_proj", "v_proj"):
+            if runs and getattr(attn, runs[-1][0]).type == getattr(attn, n).type:
+                runs[-1].append(n)
+            else:
+                runs.append([n])
+        qkv = []
+        for names in runs:
+            lin = fuse([getattr(attn, n) for n in names]) if len(names) > 1 else None
+            qkv += [(lin, names)] if lin is not None else [(getattr(attn, n), [n]) for n in names]
+        got = (qkv, fuse([layer.mlp.gate_proj, layer.mlp.up_proj]))
+        object.__setattr__(layer, "_vs_fused", got)  # not a submodule: state_dict and .modules() stay as they were
+    return got
 
 
 class RotaryTable(nn.Module):
@@ -288,6 +348,24 @@ def describe(module: nn.Module) -> str:
     return f"native GGUF blocks ({parts}) on the {native.native_path()} path, batch-invariant per row"
 
 
+def _qkv(layer: nn.Module, h: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v of `h` (..., H), through the layer's fused projections."""
+    out = []
+    for lin, names in fused_layer(layer)[0]:
+        y = lin(h)
+        out += [y] if len(names) == 1 else list(y.split(lin.widths, -1))
+    return out
+
+
+def _mlp(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gu = fused_layer(layer)[1]
+    mlp = layer.mlp
+    if gu is None:
+        return mlp(x)
+    g, u = gu(x).split(gu.widths, -1)
+    return mlp.down_proj(native.silu_mul(g, u))
+
+
 class NativeDecoder:
     """transformers' Qwen2 / Llama decoder forward on the native modules, without its per-call Python (mask
     construction, output capturing, attention-interface dispatch): the same kernels called on the same tensors in
@@ -312,17 +390,15 @@ class NativeDecoder:
         cos, sin = self.rotary(x, torch.arange(P, P + T).unsqueeze(0))  # (1, T, hd) each
         allowed = torch.ones(T, P + T, dtype=torch.bool).tril(P).unsqueeze(0)  # (1, T, P + T) causal
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             h = layer.input_layernorm(x)
             shape = (1, T, -1, attn.head_dim)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)  # (1, nh, T, hd)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)  # (1, nkv, T, hd)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q, k, v = (t.view(shape).transpose(1, 2) for t in _qkv(layer, h))  # (1, nh | nkv, T, hd)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k, v = cache.update(k, v, i)  # (1, nkv, P + T, hd)
             o = native.attention(q, k, v, allowed, attn.scaling)  # (1, T, nh, hd)
             x = x + attn.o_proj(o.reshape(1, T, -1).contiguous())
-            x = x + mlp(layer.post_attention_layernorm(x))
+            x = x + _mlp(layer, layer.post_attention_layernorm(x))
         return self.norm(x[0])[-n_last:]  # (n_last, H): every row normed (per row, so the same bits) for feature taps
 
     @torch.inference_mode()
@@ -341,18 +417,16 @@ class NativeDecoder:
         x = self.embed(torch.tensor([t for s in segs for t in s.new], dtype=torch.long))  # (N, H)
         cos, sin = self.rotary(x, torch.tensor([[p for s in segs for p in s.positions]]))  # (1, N, hd) each
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             h = layer.input_layernorm(x)
             shape = (1, N, -1, attn.head_dim)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)  # (1, nh, N, hd)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)  # (1, nkv, N, hd)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q, k, v = (t.view(shape).transpose(1, 2) for t in _qkv(layer, h))  # (1, nh | nkv, N, hd)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             o = []
             for s, (a, b, allowed) in zip(segs, spans):
                 ks, vs = s.lm.cache.update(k[:, :, a:b], v[:, :, a:b], i)  # (1, nkv, P + T, hd)
                 o.append(native.attention(q[:, :, a:b], ks, vs, allowed, attn.scaling))  # (1, T, nh, hd)
             x = x + attn.o_proj(torch.cat(o, 1).reshape(N, -1))  # (N, H)
-            x = x + mlp(layer.post_attention_layernorm(x))
+            x = x + _mlp(layer, layer.post_attention_layernorm(x))
         rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
         return self.norm(x)[rows]  # (sum n_out, H): every row normed (per row: the same bits) for feature taps

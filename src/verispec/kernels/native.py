@@ -175,6 +175,9 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
             const int64_t bg = b * G + g;
             const uint8_t* wp = Q + bg * qbytes;
             __m512i qv[8];
+            // the weights are read once, in order: ask for them 16 groups early (the hardware prefetcher alone leaves the
+            // loads of a multi-row pass waiting on memory; measured 20 % off a forward of 8 rows)
+            for (int64_t l = 0; l < qbytes; l += 64) _mm_prefetch((const char*)(wp + 16 * qbytes + l), _MM_HINT_T0);
             if (bits != 8) {
               for (int64_t t = 0; t < steps / 2; ++t) {
                 const __m512i v = _mm512_loadu_si512(wp + 64 * t);
@@ -259,6 +262,8 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
             for (int64_t g = S * GPS; g < (S + 1) * GPS; ++g) {
               const int64_t bg = b * G + g;
               const uint8_t* wp = Q + bg * qbytes + 32 * h;
+              if (h == 0)
+                for (int64_t l = 0; l < qbytes; l += 64) _mm_prefetch((const char*)(wp + 16 * qbytes + l), _MM_HINT_T0);
               __m256i lo[8], hi[8];  // codes (bits 4: lo only; bits 8: low and high nibbles, exact with vpmaddubsw)
               if (bits != 8) {  // codes <= 63: one vpmaddubsw pair sum stays within int16
                 for (int64_t t = 0; t < steps / 2; ++t) {
