@@ -100,6 +100,30 @@ def test_jsd_updates_too(world):
     assert h.status == "ok" and h.loss_after < h.loss_before
 
 
+
+def test_train_layers_adapts_the_last_blocks_only_on_stored_entry_states(tmp_path):
+    """train_layers=1 on a 3-block drafter: AR's tokens before and after, the loss of the first pass equal to the
+    full forward's (the stored entry states are the same stream), and only block 2 of the adapted drafter moves."""
+    target = tiny_llama(64, seed=1, scale=20.0)
+    drafter = noisy_copy(tiny_llama(64, seed=1, scale=20.0, layers=3), 0.6, 4)
+    ar = verispec.generate(target, GREEDY_PROMPT, method="ar", max_new_tokens=48).token_ids
+    runs = {}
+    for N in (0, 1):
+        d = copy.deepcopy(drafter)
+        opts = dict(FAST, checkpoint_dir=str(tmp_path / f"ckpt{N}"), update_every=1, train_layers=N)
+        assert osd(target, d, **opts).token_ids == ar
+        assert osd(target, d, **opts).token_ids == ar
+        runs[N] = state_of(d)
+    full, last = runs[0].history[0], runs[1].history[0]
+    assert last.status == "ok" and last.loss_after < last.loss_before
+    assert last.loss_before == pytest.approx(full.loss_before, rel=1e-5)
+    before, after = weights(drafter), weights(runs[1].current[1])
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("model.layers.2.") for k in moved), moved
+    assert read_manifest(tmp_path / "ckpt1", 1)["lora"]["train_layers"] == 1
+    with pytest.raises(ValueError, match="train_layers=3 must be below the drafter's 3 blocks"):
+        osd(target, copy.deepcopy(drafter), **dict(FAST, checkpoint_dir="none", train_layers=3))
+
 # -- sampling: the target's law before and after an update ---------------------------------------------------------
 
 V, K, N_TOKENS = 4, 1, 2  # the contract suite covers K = 2 (with updates mid-draw); here a cheap K = 1 on 16 cells

@@ -115,8 +115,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "online speculative decoding: the draft model distilled in the background (LoRA; forward KL or JSD) on the "
            "target's distributions where its drafts were rejected, every `update_every` requests; versioned "
            "checkpoints, `version=` reloads one", "Liu et al. 2024 (OSD)",
-           options=("update_every", "loss", "positions", "lr", "steps", "lora_rank", "teacher_top_k", "buffer_size",
-                    "checkpoint_dir", "background", "train_source", "learn", "version"), needs_draft_model=True),
+           options=("update_every", "loss", "positions", "lr", "steps", "lora_rank", "train_layers", "teacher_top_k",
+                    "buffer_size", "checkpoint_dir", "background", "train_source", "learn", "version"),
+           needs_draft_model=True),
     Method("medusa", "speculative", "verispec.drafters.medusa:MedusaDrafter.from_ctx",
            "Medusa-1 heads on the target's last hidden state draft a token tree (medusa_choices; trained by "
            "`verispec train medusa`, heads=PATH|NAME); verifier=typical-lossy for Medusa's lossy typical acceptance",

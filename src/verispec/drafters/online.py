@@ -17,7 +17,9 @@ code LiuXiaoxuanPKU/OSD (`distill/train.py`: `kl_method="forward"` by default, s
   point where no generation of this drafter is mid-round in the sequential engine): `steps` AdamW steps of LoRA
   (rank `lora_rank`, alpha 2·rank, every linear layer of the blocks: peft's "all-linear") on an fp32 torch copy of
   the drafter, each step one pass over the buffered positions (one teacher-forced forward per request, logits only
-  at its buffered positions). Loss: forward KL(p‖q_θ) on the teacher's top-k renormalised (`fkl`), or JSD(p, q_θ)
+  at its buffered positions). `train_layers=N` puts the adapters on the last N blocks only: the residual stream at
+  their input is computed once per update without gradients, and each step runs (and back-propagates through)
+  those N blocks alone, so a step costs about N/L of a full one (L blocks). Loss: forward KL(p‖q_θ) on the teacher's top-k renormalised (`fkl`), or JSD(p, q_θ)
   with β = ½ (`jsd`).
 - **Threading / swap**: the update runs on a background thread (`background=False` runs it inline in the prefill
   of the request that triggers it: deterministic, for tests). When it finished, the LoRA weights are merged into a
@@ -84,6 +86,7 @@ class OnlineConfig:
     lr: float = 1e-4  # LoRA + AdamW; 1e-3 made the 0.5B drafter worse after one step (paper: 1e-5, full weights)
     steps: int = 4
     lora_rank: int = 8
+    train_layers: int = 0  # 0: LoRA on every block; N: on the last N blocks only (cheaper: see the module docstring)
     teacher_top_k: int = 32
     buffer_size: int = 4096
     checkpoint_dir: str | None = None  # None: in memory only
@@ -94,6 +97,7 @@ class OnlineConfig:
         check_int("update_every", self.update_every, 1)
         check_int("steps", self.steps, 1)
         check_int("lora_rank", self.lora_rank, 1)
+        check_int("train_layers", self.train_layers, 0)
         check_int("teacher_top_k", self.teacher_top_k, 1)
         check_int("buffer_size", self.buffer_size, 1)
         if self.loss not in LOSSES:
@@ -294,10 +298,13 @@ class OnlineState:
             version = have[-1]
         version = check_int("version", version, 1)
         manifest = read_manifest(root, version)
-        if manifest.get("base") != self.base_info or manifest["lora"]["r"] != self.config.lora_rank:
-            raise ValueError(f"checkpoint v{version:04d} was trained on another drafter or LoRA rank "
-                             f"({manifest.get('base')}, r={manifest['lora']['r']}); this drafter is "
-                             f"{self.base_info}, lora_rank={self.config.lora_rank}")
+        saved_layers = manifest["lora"].get("train_layers", 0)
+        if (manifest.get("base") != self.base_info or manifest["lora"]["r"] != self.config.lora_rank
+                or saved_layers != self.config.train_layers):
+            raise ValueError(f"checkpoint v{version:04d} was trained on another drafter, LoRA rank or set of blocks "
+                             f"({manifest.get('base')}, r={manifest['lora']['r']}, train_layers={saved_layers}); "
+                             f"this drafter is {self.base_info}, lora_rank={self.config.lora_rank}, "
+                             f"train_layers={self.config.train_layers}")
         self.wait()
         with torch.inference_mode(False):
             peft_model = self._training_copy(original)
@@ -322,8 +329,22 @@ class OnlineState:
             with warnings.catch_warnings():  # peft asks transformers a deprecated question (is_gradient_checkpointing)
                 warnings.simplefilter("ignore", FutureWarning)
                 self._peft = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none",
-                                                             target_modules="all-linear"))
+                                                             target_modules=self._targets(base)))
         return self._peft
+
+    def _targets(self, base: torch.nn.Module):
+        """peft's target_modules: every linear of the blocks, or (train_layers=N) those of the last N blocks."""
+        N = self.config.train_layers
+        if N == 0:
+            return "all-linear"
+        layers = base.get_decoder().layers
+        L = len(layers)
+        if N >= L:
+            raise ValueError(f"osd: train_layers={N} must be below the drafter's {L} blocks (0 trains them all)")
+        if len(set(getattr(base.config, "layer_types", None) or ["full"])) > 1:
+            raise ValueError("osd: train_layers needs blocks of one attention type (this model mixes them)")
+        blocks = "|".join(str(i) for i in range(L - N, L))
+        return rf".*\.layers\.({blocks})\.(self_attn|mlp)\.\w+_proj"
 
     def _drafting_copy(self, peft_model) -> torch.nn.Module:
         """The LoRA weights merged into a copy of the base, on the drafter's own backend (the training copy and its
@@ -366,24 +387,44 @@ class OnlineState:
                 chunk.append(g)
         return out
 
-    def _batch_loss(self, model, batch) -> torch.Tensor:
+    def _entry_states(self, model, batches) -> list[torch.Tensor | None]:
+        """train_layers=N: per batch, the residual stream entering block L − N (no gradients: nothing below it
+        trains), so that every step runs the last N blocks only. Otherwise Nones."""
+        N = self.config.train_layers
+        if N == 0:
+            return [None] * len(batches)
+        dec = model.get_base_model().get_decoder()
+        with torch.no_grad():  # (B, T, H) each: hidden_states[i] is the input of block i
+            return [dec(input_ids=b[0], use_cache=False, output_hidden_states=True).hidden_states[len(dec.layers) - N]
+                    for b in batches]
+
+    def _batch_loss(self, model, batch, entry: torch.Tensor | None = None) -> torch.Tensor:
         """Σ over the batch's positions of the distance (a sum, so batches add up to the buffer's total)."""
         x, rows, cols, ids, p = batch
         hf = model.get_base_model()
-        h = hf.get_decoder()(input_ids=x, use_cache=False).last_hidden_state  # (B, L, H)
+        dec = hf.get_decoder()
+        if entry is None:
+            h = dec(input_ids=x, use_cache=False).last_hidden_state  # (B, L, H)
+        else:  # the last N blocks on the stored entry states: the decoder's own forward over a shorter block list
+            full = dec.layers
+            dec.layers = torch.nn.ModuleList(list(full)[len(full) - self.config.train_layers:])
+            try:
+                h = dec(inputs_embeds=entry, use_cache=False).last_hidden_state  # (B, L, H)
+            finally:
+                dec.layers = full
         logits = hf.get_output_embeddings()(h[rows, cols])  # (n, V): the output layer only where it is read
         return distill_loss(logits[:, : self.base_info["vocab_size"]], ids, p, self.config.loss) * len(rows)
 
-    def _loss(self, model, batches, n: int) -> float:
+    def _loss(self, model, batches, n: int, entries) -> float:
         with torch.no_grad():
-            return sum(float(self._batch_loss(model, b)) for b in batches) / n
+            return sum(float(self._batch_loss(model, b, e)) for b, e in zip(batches, entries)) / n
 
-    def _step(self, model, opt, params, batches, n: int) -> None:
+    def _step(self, model, opt, params, batches, n: int, entries) -> None:
         """One optimiser step: the mean loss over every buffered position (gradients accumulated batch by batch)."""
         opt.zero_grad(set_to_none=True)
-        for b in batches:
+        for b, e in zip(batches, entries):
             self._check()
-            (self._batch_loss(model, b) / n).backward()
+            (self._batch_loss(model, b, e) / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
@@ -399,13 +440,14 @@ class OnlineState:
                 snapshot = [q.detach().clone() for q in params]  # LoRA weights before: restored on any failure
                 batches = self._batches(samples)
                 n = len(samples)
-                rec.loss_before = self._loss(model, batches, n)
+                entries = self._entry_states(model, batches)
+                rec.loss_before = self._loss(model, batches, n, entries)
                 opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
                 for _ in range(self.config.steps):
                     self._check()
-                    self._step(model, opt, params, batches, n)
+                    self._step(model, opt, params, batches, n, entries)
                     rec.steps += 1
-                rec.loss_after = self._loss(model, batches, n)
+                rec.loss_after = self._loss(model, batches, n, entries)
                 self._check()
                 merged = self._drafting_copy(model)
                 self._check()  # after this point nothing is abandoned: the checkpoint and the swap go together
@@ -457,7 +499,8 @@ class OnlineState:
                 manifest = {"format": FORMAT, "version": version, "parent": rec.parent, "drafter": self.name,
                             "base": self.base_info, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                             "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
-                                     "target_modules": sorted(lora.target_modules)},
+                                     "target_modules": lora.target_modules if isinstance(lora.target_modules, str)
+                                     else sorted(lora.target_modules), "train_layers": self.config.train_layers},
                             "training": {**{k: v for k, v in asdict(self.config).items() if k != "checkpoint_dir"},
                                          "positions_used": rec.positions, "requests_seen": rec.requests,
                                          "steps_done": rec.steps, "seconds": rec.seconds,
@@ -552,6 +595,10 @@ class OnlineDrafter(DraftModelDrafter):
             ckpt = default_checkpoint_dir(ctx.drafter.name)
         ckpt = None if str(ckpt).lower() == "none" else str(Path(ckpt).expanduser().resolve())
         config = OnlineConfig(checkpoint_dir=ckpt, **o)
+        L = getattr(ctx.drafter.model.config, "num_hidden_layers", None)
+        if config.train_layers and L is not None and config.train_layers >= L:
+            raise ValueError(f"osd: train_layers={config.train_layers} must be below the drafter's {L} blocks "
+                             "(0 trains them all)")
         state = state_for(ctx.drafter.model, ctx.drafter.name, config)
         return cls(ctx.drafter.model, ctx.target.vocab_size, ctx.stop_ids, state, learn, version)
 
