@@ -161,7 +161,8 @@ def markdown(s: dict) -> str:
          f"(seed {c['seed']}; disjoint sets); γ = {c['gamma']}, max_new_tokens = {c['max_new_tokens']}, sampling = "
          f"{c['sampling']}. A = the unadapted drafter, B = the adapted one (checkpoint version {k['version']}), the "
          f"same prompts in the same run, order alternating. OSD options: update_every={o['update_every']}, "
-         f"loss={o['loss']}, positions={o['positions']}, LoRA rank {o['lora_rank']}, lr={o['lr']}, "
+         f"loss={o['loss']}, positions={o['positions']}, LoRA rank {o['lora_rank']} on "
+         f"{'every block' if not o.get('train_layers') else 'the last %d blocks' % o['train_layers']}, lr={o['lr']}, "
          f"steps={o['steps']} per update, teacher top-{o['teacher_top_k']} (Liu et al. 2024).", "",
          "| arm | α̂ (accepted / drafted) | tokens / target forward | tok/s | new tokens | seconds |",
          "|---|---|---|---|---|---|"]
