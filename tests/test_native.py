@@ -44,7 +44,7 @@ def test_a_compiled_path_runs_here():
 
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the torch path serves (bit-identical, slower)")
-    assert native.native_path() in ("avx512_vnni", "avx2", "generic")
+    assert native.native_path() in native.VARIANTS
 
 
 @pytest.mark.parametrize("name", list(TYPES))
@@ -54,6 +54,30 @@ def test_the_path_in_use_equals_the_torch_path_bit_for_bit(name):
     for M in (1, 3, 4, 5, 16):
         x = torch.randn(M, w.shape[1], generator=torch.Generator().manual_seed(M)) * 2
         assert torch.equal(_mm(x, p, t, 37, bias), native.qmm_torch(x, p, 37, t.SB, t.GS, t.bits, t.mn_scale, bias))
+
+
+def test_amx_tiles_give_the_vpdpbusd_bits():
+    """On AMX machines Q4_K runs on tiles from some row count on: the same bits as the vpdpbusd code and the torch
+    path, for one and several 16-row passes and several superblocks (the tile pipeline's first, middle and last)."""
+    mod = native.kernels()[1]
+    if native.native_path() != "avx512_amx":
+        pytest.skip(f"the {native.native_path()} path runs here, not avx512_amx")
+    K, N = 6 * 256, 53
+    w = decode("Q4_K", quantize(torch.randn(N, K, generator=torch.Generator().manual_seed(3)), "Q4_K"), K)
+    p, t = pack(w), TYPES["Q4_K"]
+    bias = torch.randn(N)
+    before = mod.amx_rows(-1)
+    try:
+        for M in (1, 2, 7, 16, 17, 40):
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)) * 4
+            mod.amx_rows(1)
+            tiles = _mm(x, p, t, N, bias)
+            mod.amx_rows(10 ** 6)
+            vnni = _mm(x, p, t, N, bias)
+            assert torch.equal(tiles, vnni), M
+            assert torch.equal(tiles, native.qmm_torch(x, p, N, t.SB, t.GS, t.bits, t.mn_scale, bias)), M
+    finally:
+        mod.amx_rows(before)
 
 
 @pytest.mark.slow

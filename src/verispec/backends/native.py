@@ -357,6 +357,12 @@ def _qkv(layer: nn.Module, h: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def _heads(attn: nn.Module, qkv: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v (..., T, width) as heads (1, n, T, hd), q and k rotated: one kernel call each, transformers' bits."""
+    return [native.heads(t, t.shape[-1] // attn.head_dim, *((cos, sin) if j < 2 else ()))
+            for j, t in enumerate(qkv)]
+
+
 def _mlp(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gu = fused_layer(layer)[1]
     mlp = layer.mlp
@@ -382,8 +388,6 @@ class NativeDecoder:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, cache, n_last: int = 1) -> torch.Tensor:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         T = input_ids.shape[1]
         P = cache.get_seq_length()
         x = self.embed(input_ids)  # (1, T, H)
@@ -392,9 +396,7 @@ class NativeDecoder:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            shape = (1, T, -1, attn.head_dim)
-            q, k, v = (t.view(shape).transpose(1, 2) for t in _qkv(layer, h))  # (1, nh | nkv, T, hd)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k, v = _heads(attn, _qkv(layer, h), cos, sin)  # (1, nh | nkv, T, hd), q and k rotated
             k, v = cache.update(k, v, i)  # (1, nkv, P + T, hd)
             o = native.attention(q, k, v, allowed, attn.scaling)  # (1, T, nh, hd)
             x = x + attn.o_proj(o.reshape(1, T, -1).contiguous())
@@ -407,8 +409,6 @@ class NativeDecoder:
         cache): the linear layers, norms and MLP run once over all rows stacked, attention per sequence. Every
         kernel here is per row, so each row's bits equal those of its solo forward. Returns the final-norm hidden
         states of each segment's last n_out rows, stacked: (sum n_out, H)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         spans, at = [], 0
         for s in segs:
             spans.append((at, at + len(s.new), s.causal_mask().unsqueeze(0)))  # mask (1, T, P + T)
@@ -419,9 +419,7 @@ class NativeDecoder:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            shape = (1, N, -1, attn.head_dim)
-            q, k, v = (t.view(shape).transpose(1, 2) for t in _qkv(layer, h))  # (1, nh | nkv, N, hd)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k, v = _heads(attn, _qkv(layer, h), cos, sin)  # (1, nh | nkv, N, hd), q and k rotated
             o = []
             for s, (a, b, allowed) in zip(segs, spans):
                 ks, vs = s.lm.cache.update(k[:, :, a:b], v[:, :, a:b], i)  # (1, nkv, P + T, hd)

@@ -10,7 +10,8 @@ for every row, every row count and every instruction set: the AVX-512, AVX2, gen
 construction). `qmm_torch` is that computation in torch (float64 matmuls of integers, exact), for machines without
 a compiler.
 
-Per-row operations, each computed by one thread for one row in a fixed order:
+Per-row operations, each computed in a fixed order per row (attention: per row and kv head, for all the query heads
+that share it, so each key and value is read once):
 - `rmsnorm`: sum of squares in 16 interleaved partial sums, then a fixed pairwise tree; y = w·(x·(1/√(ms+ε))).
 - `silu_mul`: g / (1 + exp(−g)) · u with one exp polynomial (Cephes' expf) for every element.
 - `attention`: per (head, query row): the scores of the keys that row may see, in key order (masked keys are
@@ -20,8 +21,13 @@ Their torch fallbacks loop over rows (each row its own call on the keys it sees)
 bit-identical to the C++ ones (different exp and summation order).
 
 Build: `torch.utils.cpp_extension.load_inline`, once per machine into `<verispec cache>/kernels/native_<variant>_<hash>`.
-Variants, tried in this order where the CPU's flags allow: "avx512_vnni" (-mavx512f/bw/vl/vnni, never
--march=native: a VM may list instructions it refuses), "avx2", "generic" (no ISA flags). Each built variant must
+Variants, tried in this order where the CPU's flags allow: "avx512_amx" (the avx512_vnni code, plus Intel AMX tiles
+for Q4_K from `amx_rows` = 9 activation rows on; a VM may list AMX and refuse it, so this variant is used only after
+its self-test passed in a child process), "avx512_vnni" (-mavx512f/bw/vl/vnni, never -march=native: a VM may list
+instructions it refuses), "avx2", "generic" (no ISA flags). On AMX, Q4_K's 6-bit group scales are split as
+sc = sc_lo + 8·sc_hi (both ≤ 7) so that the products q·sc_lo and q·sc_hi fit a byte: two tile products per 64 inputs
+give A = C_lo + 8·C_hi for 16 rows at once, the same exact integers, followed by the same fp32 steps: the same bits.
+`VERISPEC_AMX_MIN_ROWS` moves the row count (tests force both codes). Each built variant must
 reproduce `qmm_torch` bit for bit on a self-test of every block type before it is used; otherwise the next one is
 tried, and "torch" always works. `VERISPEC_NATIVE_PATH=avx512_vnni|avx2|generic|torch` forces a path;
 `VERISPEC_NO_KERNEL_BUILD=1` skips building (torch path).
@@ -44,6 +50,9 @@ PATH_ENV = "VERISPEC_NATIVE_PATH"
 NO_BUILD_ENV = "VERISPEC_NO_KERNEL_BUILD"
 
 VARIANTS: dict[str, tuple[tuple[str, ...], list[str]]] = {  # name -> (CPU flags needed, compiler flags)
+    "avx512_amx": (("amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma", "avx2"),
+                   ["-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c",
+                    "-mfma", "-mavx2"]),
     "avx512_vnni": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma", "avx2"),
                     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-mavx2"]),
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
@@ -68,8 +77,44 @@ SOURCE = r"""
 #else
 #define VS_PATH "generic"
 #endif
+#if defined(VS_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define VS_AMX 1  // Intel AMX: 16-row integer tiles for passes of 16 activation rows (same integers, same fp32 steps)
+#undef VS_PATH
+#define VS_PATH "avx512_amx"
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 std::string path() { return VS_PATH; }
+
+#if defined(VS_AMX)
+static int64_t g_amx_min_rows = 9;  // fewer rows run the vpdpbusd code (one 8-row pass is cheaper than a tile pass; same bits)
+// Linux hands a process the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18)
+static bool amx_permit() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+struct TileCfg { uint8_t palette_id, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+static void amx_config() {  // all 8 tiles 16 rows x 64 bytes
+  TileCfg c;
+  std::memset(&c, 0, sizeof c);
+  c.palette_id = 1;
+  for (int t = 0; t < 8; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+#endif
+
+// The row count from which qmm uses AMX tiles (n >= 0 sets it); -1 where this build has no AMX or the OS refuses it.
+int64_t amx_rows(int64_t n) {
+#if defined(VS_AMX)
+  if (!amx_permit()) return -1;
+  if (n >= 0) g_amx_min_rows = n;
+  return g_amx_min_rows;
+#else
+  (void)n;
+  return -1;
+#endif
+}
 
 static inline float h2f(uint16_t h) {  // IEEE half -> float, exact
   const uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
@@ -140,7 +185,8 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
   const float mn_scale = (float)mn_scale_d;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
-  std::vector<int8_t> xq(M * K);
+  // rows padded to a multiple of 16 with zeros: an AMX pass loads 16 activation rows whatever M is
+  std::vector<int8_t> xq(((M + 15) / 16) * 16 * K);
   std::vector<float> dx(M * NS);
   std::vector<int32_t> xs(M * G);
   quantize_acts(x.data_ptr<float>(), M, K, SB, GS, xq.data(), dx.data(), xs.data());
@@ -151,13 +197,118 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
   const uint16_t* DM = reinterpret_cast<const uint16_t*>(Dm.data_ptr<at::Half>());
   const float* BIAS = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
+#if defined(VS_AMX)
+  // AMX for Q4_K only: other types' scales do not split into byte-sized products (their groups stay on vpdpbusd)
+  const bool use_amx = bits == 4 && GS == 32 && GPS % 2 == 0 && GPS <= 16 && M >= g_amx_min_rows && amx_permit();
+#endif
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
 #if defined(VS_AVX512)
     constexpr int RB = 8;  // activation rows per pass over a row block's weights (weights unpacked once per pass)
 #else
     constexpr int RB = 4;  // AVX2 has 16 vector registers
 #endif
-    alignas(64) float out[RB][16];
+    alignas(64) float out[16][16];
+    auto emit = [&](int64_t b, int64_t r0, int64_t R) {
+      const int64_t n0 = b * 16, nn = std::min<int64_t>(16, N - n0);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; i < nn; ++i)
+          Y[(r0 + r) * N + n0 + i] = BIAS ? out[r][i] + BIAS[n0 + i] : out[r][i];
+    };
+#if defined(VS_AMX)
+    if (use_amx) {
+      // Q4_K on AMX tiles. Its group scales are 6 bits: sc = sc_lo + 8 sc_hi with both in 0..7, so the products
+      // q sc_lo and q sc_hi (q <= 15) fit a byte, and two tile products over them sum a superblock's
+      // A = sum_g sc_g sum_j q x8 = C_lo + 8 C_hi exactly, 16 activation rows at once. Those are the integers the
+      // vpdpbusd code computes; the mins term and the fp32 steps after them are its code. So: the same bits.
+      // Software-pipelined per superblock S: the codes of S + 1 are scaled while the tile products of S run, and
+      // the fp32 steps of S - 1 read tile results stored one step earlier (a tile load or a vector load of data
+      // stored just before it waits for that store).
+      amx_config();
+      const int64_t PRS = GPS / 2;  // tile products (64 inputs) per superblock
+      alignas(64) uint8_t Bw[2][8 * 2048];  // [S parity][pair][lo, hi][16 x 64]
+      alignas(64) int32_t Ib[2][2][16][16];  // [S parity][lo, hi][row][lane]
+      const __m512i low4 = _mm512_set1_epi8(0x0F);
+      const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      for (int64_t b = b0; b < b1; ++b) {
+        auto prep = [&](int64_t S) {  // scaled codes of S: pair p, half h at Bw[S & 1] + p * 2048 + 512 h
+          for (int64_t gi = 0; gi < GPS; ++gi) {
+            const int64_t bg = b * G + S * GPS + gi;
+            const uint8_t* wp = Q + bg * qbytes;
+            for (int64_t l = 0; l < qbytes; l += 64) _mm_prefetch((const char*)(wp + 16 * qbytes + l), _MM_HINT_T0);
+            const __m512i sc32 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(SC + bg * 16)));
+            __m512i sl = _mm512_and_si512(sc32, _mm512_set1_epi32(7)), sh = _mm512_srli_epi32(sc32, 3);
+            sl = _mm512_or_si512(sl, _mm512_slli_epi32(sl, 16));  // a lane's scale in both of its 16-bit halves
+            sh = _mm512_or_si512(sh, _mm512_slli_epi32(sh, 16));
+            uint8_t* lo_t = Bw[S & 1] + (gi / 2) * 2048 + 512 * (gi % 2);
+            for (int64_t t = 0; t < 4; ++t) {  // q <= 15, s <= 7: 16-bit products never carry into the next byte
+              const __m512i v = _mm512_loadu_si512(wp + 64 * t);
+              const __m512i c0 = _mm512_and_si512(v, low4), c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+              _mm512_store_si512(lo_t + 128 * t, _mm512_mullo_epi16(c0, sl));
+              _mm512_store_si512(lo_t + 128 * t + 64, _mm512_mullo_epi16(c1, sl));
+              _mm512_store_si512(lo_t + 1024 + 128 * t, _mm512_mullo_epi16(c0, sh));
+              _mm512_store_si512(lo_t + 1024 + 128 * t + 64, _mm512_mullo_epi16(c1, sh));
+            }
+          }
+        };
+        for (int64_t r0 = 0; r0 < M; r0 += 16) {
+          const int64_t R = std::min<int64_t>(16, M - r0);
+          auto tiles = [&](int64_t S) {  // C: 0 (codes x sc_lo), 1 (x sc_hi); activations 3 / 4; B 5, 6
+            const int8_t* xa = xq.data() + r0 * K + S * SB;
+            const uint8_t* w = Bw[S & 1];
+            _tile_zero(0); _tile_zero(1);
+            for (int64_t pr = 0; pr < PRS; ++pr) {
+              const uint8_t* wq = w + pr * 2048;
+              _tile_loadd(5, wq, 64); _tile_loadd(6, wq + 1024, 64);
+              if (pr & 1) {
+                _tile_loadd(4, xa + 64 * pr, K);
+                _tile_dpbsud(0, 4, 5); _tile_dpbsud(1, 4, 6);
+              } else {
+                _tile_loadd(3, xa + 64 * pr, K);
+                _tile_dpbsud(0, 3, 5); _tile_dpbsud(1, 3, 6);
+              }
+            }
+            _tile_stored(0, Ib[S & 1][0], 64); _tile_stored(1, Ib[S & 1][1], 64);
+          };
+          auto post = [&](int64_t S) {
+            const int64_t bs = (b * NS + S) * 16, g0 = S * GPS;
+            const __m512 Dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DD + bs)));
+            const __m512 Dms = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DM + bs))),
+                                             _mm512_set1_ps(mn_scale));
+            __m512i mp[8];
+            for (int64_t k = 0; k < GPS / 2; ++k)
+              mp[k] = _mm512_permutexvar_epi16(ilv, _mm512_cvtepi8_epi16(
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(MN + (b * G + g0 + 2 * k) * 16))));
+            for (int64_t r = 0; r < R; ++r) {
+              const __m512i A = _mm512_add_epi32(_mm512_load_si512(Ib[S & 1][0][r]),
+                                                 _mm512_slli_epi32(_mm512_load_si512(Ib[S & 1][1][r]), 3));
+              const int32_t* X = xs.data() + (r0 + r) * G + g0;
+              __m512i Bv = _mm512_setzero_si512();
+              for (int64_t k = 0; k < GPS / 2; ++k) {  // the mins term, as the vpdpbusd code computes it
+                const int32_t pair = (int32_t)(((uint32_t)X[2 * k + 1] << 16) | ((uint32_t)X[2 * k] & 0xFFFFu));
+                Bv = _mm512_add_epi32(Bv, _mm512_madd_epi16(mp[k], _mm512_set1_epi32(pair)));
+              }
+              const __m512 dxv = _mm512_set1_ps(dx[(r0 + r) * NS + S]);
+              const __m512 t2 = _mm512_mul_ps(_mm512_mul_ps(Dv, dxv), _mm512_cvtepi32_ps(A));
+              const __m512 t4 = _mm512_mul_ps(_mm512_mul_ps(Dms, dxv), _mm512_cvtepi32_ps(Bv));
+              _mm512_store_ps(out[r], _mm512_add_ps(_mm512_load_ps(out[r]), _mm512_sub_ps(t2, t4)));
+            }
+          };
+          for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], _mm512_setzero_ps());
+          prep(0);
+          for (int64_t S = 0; S < NS; ++S) {
+            if (S + 1 < NS) prep(S + 1);
+            tiles(S);
+            if (S > 0) post(S - 1);
+          }
+          post(NS - 1);
+          emit(b, r0, R);
+        }
+      }
+      _tile_release();
+      return;
+    }
+#endif
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r0 = 0; r0 < M; r0 += RB) {
         const int64_t R = std::min<int64_t>(RB, M - r0);
@@ -352,10 +503,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
           }
         }
 #endif
-        const int64_t n0 = b * 16, nn = std::min<int64_t>(16, N - n0);
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t i = 0; i < nn; ++i)
-            Y[(r0 + r) * N + n0 + i] = BIAS ? out[r][i] + BIAS[n0 + i] : out[r][i];
+        emit(b, r0, R);
       }
     }
   });
@@ -381,6 +529,32 @@ static inline float vs_exp(float x) {
   p = (p * r2 + r) + 1.0f;
   return p * __builtin_bit_cast(float, (uint32_t)(n + 127) << 23);
 }
+
+#if defined(VS_AVX512)
+// vs_exp on 16 lanes: the same IEEE operations in the same order, so the same bits as vs_exp
+static inline __m512 vs_exp16(__m512 x0) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(_mm512_set1_ps(-87.3365447504f), x0));
+  const __m512 t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(0.5f));
+  __m512i nn = _mm512_cvttps_epi32(t);
+  __m512 fx = _mm512_cvtepi32_ps(nn);
+  const __mmask16 over = _mm512_cmp_ps_mask(fx, t, _CMP_GT_OQ);
+  fx = _mm512_mask_sub_ps(fx, over, fx, one);
+  nn = _mm512_mask_sub_epi32(nn, over, nn, _mm512_set1_epi32(1));
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(fx, _mm512_set1_ps(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(fx, _mm512_set1_ps(-2.12194440e-4f)));
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, r2), r), one);
+  const __m512 pw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(nn, _mm512_set1_epi32(127)), 23));
+  return _mm512_mul_ps(p, pw);
+}
+#endif
 
 // 16 interleaved partial sums, then a fixed pairwise tree: the same order for every row and every path.
 static inline float dot16(const float* a, const float* b, int64_t n) {
@@ -429,29 +603,10 @@ torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
   at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
     int64_t i = i0;
 #if defined(VS_AVX512)
-    // vs_exp on 16 lanes: the same IEEE operations in the same order, so the same bits as the scalar code below
-    const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-87.3365447504f), one = _mm512_set1_ps(1.f);
+    const __m512 one = _mm512_set1_ps(1.f);
     for (; i + 16 <= i1; i += 16) {
       const __m512 g = _mm512_loadu_ps(G + i);
-      const __m512 x = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_sub_ps(_mm512_setzero_ps(), g)));
-      const __m512 t = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(0.5f));
-      __m512i nn = _mm512_cvttps_epi32(t);
-      __m512 fx = _mm512_cvtepi32_ps(nn);
-      const __mmask16 over = _mm512_cmp_ps_mask(fx, t, _CMP_GT_OQ);
-      fx = _mm512_mask_sub_ps(fx, over, fx, one);
-      nn = _mm512_mask_sub_epi32(nn, over, nn, _mm512_set1_epi32(1));
-      __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(fx, _mm512_set1_ps(0.693359375f)));
-      r = _mm512_sub_ps(r, _mm512_mul_ps(fx, _mm512_set1_ps(-2.12194440e-4f)));
-      const __m512 r2 = _mm512_mul_ps(r, r);
-      __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507E-3f));
-      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073E-3f));
-      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894E-2f));
-      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459E-1f));
-      p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201E-1f));
-      p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, r2), r), one);
-      const __m512 pw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(nn, _mm512_set1_epi32(127)), 23));
-      const __m512 e = _mm512_mul_ps(p, pw);
+      const __m512 e = vs_exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
       _mm512_storeu_ps(Y + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(U + i)));
     }
 #endif
@@ -460,7 +615,20 @@ torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
   return y;
 }
 
+#if defined(VS_AVX512)
+// dot16's fixed tree on a vector of its 16 partial sums
+static inline float tree16(__m512 acc) {
+  const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+  const __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
+  const __m128 s2 = _mm_add_ps(a4, _mm_shuffle_ps(a4, a4, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehl_ps(s2, s2)));
+}
+#endif
+
 // q (B, Hq, M, Dh), k and v (B, Hkv, N, Dh), allowed (B, M, N) bool -> (B, M, Hq, Dh)
+// One task per (batch, kv head, query row): the query heads that share a kv head read each key and value once.
+// Per (query head, row) the arithmetic is fixed: dot16 scores of the visible keys in key order, vs_exp, their sum in
+// key order, the values' weighted sum in key order. It does not depend on M, N beyond the visible keys, or the mask.
 torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor allowed, double scale_d) {
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && allowed.is_contiguous(), "contiguous");
   const int64_t B = q.size(0), Hq = q.size(1), M = q.size(2), Dh = q.size(3), Hkv = k.size(1), N = k.size(2);
@@ -470,43 +638,100 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   const bool* Al = allowed.data_ptr<bool>(); float* O = out.data_ptr<float>();
   const float scale = (float)scale_d;
   const int64_t rep = Hq / Hkv;
-  at::parallel_for(0, B * Hq * M, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(N);
+  at::parallel_for(0, B * Hkv * M, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(rep * N), o(rep * Dh);
     std::vector<int64_t> idx(N);
-    std::vector<float> o(Dh);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (Hq * M), h = (t / M) % Hq, i = t % M, kh = h / rep;
-      const float* qi = Qp + ((b * Hq + h) * M + i) * Dh;
+      const int64_t b = t / (Hkv * M), kh = (t / M) % Hkv, i = t % M;
       const float* kb = Kp + (b * Hkv + kh) * N * Dh;
       const float* vb = Vp + (b * Hkv + kh) * N * Dh;
       const bool* al = Al + (b * M + i) * N;
       int64_t n = 0;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < N; ++j) {
-        if (!al[j]) continue;
-        const float sc = dot16(qi, kb + j * Dh, Dh) * scale;
-        idx[n] = j; s[n] = sc; ++n;
-        mx = std::max(mx, sc);
-      }
+      for (int64_t j = 0; j < N; ++j)
+        if (al[j]) idx[n++] = j;
       if (n == 0) continue;
-      for (int64_t c = 0; c < n; ++c) s[c] = vs_exp(s[c] - mx);  // elementwise (vectorizes)
-      float l = 0.f;
-      for (int64_t c = 0; c < n; ++c) l = l + s[c];  // in key order
-      for (int64_t d = 0; d < Dh; ++d) o[d] = 0.f;
-      for (int64_t c = 0; c < n; ++c) {
-        const float e = s[c];
-        const float* vj = vb + idx[c] * Dh;
-        for (int64_t d = 0; d < Dh; ++d) o[d] = o[d] + e * vj[d];
+      auto qrow = [&](int64_t hh) { return Qp + ((b * Hq + kh * rep + hh) * M + i) * Dh; };
+      for (int64_t h0 = 0; h0 < rep; h0 += 8) {  // scores, up to 8 heads per pass over the keys
+        const int64_t hn = std::min<int64_t>(8, rep - h0);
+#if defined(VS_AVX512)
+        if (Dh % 16 == 0) {
+          for (int64_t c = 0; c < n; ++c) {
+            const float* kj = kb + idx[c] * Dh;
+            __m512 acc[8];
+            for (int64_t hh = 0; hh < hn; ++hh) acc[hh] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < Dh; d += 16) {
+              const __m512 kv = _mm512_loadu_ps(kj + d);
+              for (int64_t hh = 0; hh < hn; ++hh)
+                acc[hh] = _mm512_add_ps(acc[hh], _mm512_mul_ps(_mm512_loadu_ps(qrow(h0 + hh) + d), kv));
+            }
+            for (int64_t hh = 0; hh < hn; ++hh) s[(h0 + hh) * N + c] = tree16(acc[hh]) * scale;
+          }
+          continue;
+        }
+#endif
+        for (int64_t c = 0; c < n; ++c)
+          for (int64_t hh = 0; hh < hn; ++hh)
+            s[(h0 + hh) * N + c] = dot16(qrow(h0 + hh), kb + idx[c] * Dh, Dh) * scale;
       }
-      float* od = O + ((b * M + i) * Hq + h) * Dh;
-      for (int64_t d = 0; d < Dh; ++d) od[d] = o[d] / l;
+      for (int64_t hh = 0; hh < rep; ++hh) {
+        float* sh = s.data() + hh * N;
+        float mx = -INFINITY;
+        for (int64_t c = 0; c < n; ++c) mx = std::max(mx, sh[c]);
+        int64_t c = 0;
+#if defined(VS_AVX512)
+        for (const __m512 mv = _mm512_set1_ps(mx); c + 16 <= n; c += 16)
+          _mm512_storeu_ps(sh + c, vs_exp16(_mm512_sub_ps(_mm512_loadu_ps(sh + c), mv)));
+#endif
+        for (; c < n; ++c) sh[c] = vs_exp(sh[c] - mx);
+      }
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t c = 0; c < n; ++c) {  // values in key order; each value row read once for all heads
+        const float* vj = vb + idx[c] * Dh;
+        for (int64_t hh = 0; hh < rep; ++hh) {
+          const float e = s[hh * N + c];
+          float* oh = o.data() + hh * Dh;
+          for (int64_t d = 0; d < Dh; ++d) oh[d] = oh[d] + e * vj[d];
+        }
+      }
+      for (int64_t hh = 0; hh < rep; ++hh) {
+        const float* sh = s.data() + hh * N;
+        float l = 0.f;
+        for (int64_t c = 0; c < n; ++c) l = l + sh[c];  // in key order
+        float* od = O + ((b * M + i) * Hq + kh * rep + hh) * Dh;
+        const float* oh = o.data() + hh * Dh;
+        for (int64_t d = 0; d < Dh; ++d) od[d] = oh[d] / l;
+      }
     }
   });
   return out;
 }
+
+// Heads of a projection output (T rows, row stride any, columns contiguous) as (H, T, hd), rotated by rotary cos / sin
+// (T, hd) where rotate is true: transformers' q·cos + rotate_half(q)·sin with the same three roundings per element
+// (rotate_half(q) = (−q[d + hd/2], q[d − hd/2])), so the same bits; one call instead of its ~10 torch operations.
+torch::Tensor heads(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t H, bool rotate) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat, "x: (T, H·hd) fp32 rows");
+  const int64_t T = x.size(0), hd = x.size(1) / H, half = hd / 2, ld = x.stride(0);
+  TORCH_CHECK(x.size(1) == H * hd && hd % 2 == 0, "x: H heads of an even width");
+  if (rotate) TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T && cos.size(1) == hd, "cos, sin: (T, hd)");
+  auto out = torch::empty({H, T, hd}, x.options());
+  const float* X = x.data_ptr<float>(); float* Y = out.data_ptr<float>();
+  const float* C = rotate ? cos.data_ptr<float>() : nullptr; const float* S = rotate ? sin.data_ptr<float>() : nullptr;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xr = X + t * ld + h * hd;
+      float* yr = Y + (h * T + t) * hd;
+      if (!rotate) { std::memcpy(yr, xr, hd * sizeof(float)); continue; }
+      const float* c = C + t * hd; const float* sn = S + t * hd;
+      for (int64_t d = 0; d < half; ++d) yr[d] = xr[d] * c[d] + (-xr[d + half]) * sn[d];
+      for (int64_t d = half; d < hd; ++d) yr[d] = xr[d] * c[d] + xr[d - half] * sn[d];
+    }
+  return out;
+}
 """
 
-FUNCTIONS = ["path", "qmm", "rmsnorm", "silu_mul", "attention"]
+FUNCTIONS = ["path", "amx_rows", "qmm", "rmsnorm", "silu_mul", "attention", "heads"]
+AMX_ROWS_ENV = "VERISPEC_AMX_MIN_ROWS"
 
 
 def _variant_key(variant: str) -> str:
@@ -537,11 +762,50 @@ def build(variant: str):
         warnings.warn(f"verispec: could not build the native {variant} kernels ({type(e).__name__}: "
                       f"{str(e)[:200]})", RuntimeWarning, stacklevel=2)
         return None
+    if "amx" in variant and not _probe_in_subprocess(out, mod.__name__):
+        warnings.warn(f"verispec: the {variant} kernels do not run here (the OS or VM refuses AMX tiles, or their "
+                      "self-test failed); not used", RuntimeWarning, stacklevel=2)
+        return None
+    if "amx" in variant:
+        rows = os.environ.get(AMX_ROWS_ENV, "").strip()
+        mod.amx_rows(int(rows) if rows else -1)
     if not self_test(mod):
         warnings.warn(f"verispec: the native {variant} kernels do not reproduce the torch path bit for bit; "
                       "not used", RuntimeWarning, stacklevel=2)
         return None
     return mod
+
+
+_PROBE = """
+import importlib.util, sys
+import torch
+from verispec.kernels.native import self_test
+spec = importlib.util.spec_from_file_location(sys.argv[2], sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+sys.exit(0 if mod.amx_rows(-1) >= 0 and self_test(mod) else 3)
+"""
+
+
+def _probe_in_subprocess(out, name: str) -> bool:
+    """Whether the built AMX extension runs its self-test in a child process. A VM may list amx_* flags yet kill a
+    tile instruction with SIGILL; that must not take this process down. The answer is kept next to the build."""
+    import subprocess
+
+    mark = out / "probe_ok"
+    if mark.exists():
+        return True
+    so = next(iter(sorted(out.glob(f"{name}*.so"))), None)
+    if so is None:
+        return False
+    try:
+        ok = subprocess.run([sys.executable, "-c", _PROBE, str(so), name], capture_output=True,
+                            timeout=300).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    if ok:
+        mark.write_text("ok\n")
+    return ok
 
 
 @functools.lru_cache(maxsize=1)
@@ -566,8 +830,14 @@ def kernels():
     return "torch", None
 
 
+def amx_runs() -> bool:
+    """Whether AMX tiles run on this machine: the avx512_amx kernels build and pass their self-test in a child
+    process (cached next to the build)."""
+    return "amx_tile" in cpu_flags() and os.environ.get(NO_BUILD_ENV) != "1" and build("avx512_amx") is not None
+
+
 def native_path() -> str:
-    """The kernel path that runs here: "avx512_vnni", "avx2", "generic" (C++) or "torch"."""
+    """The kernel path that runs here: "avx512_amx", "avx512_vnni", "avx2", "generic" (C++) or "torch"."""
     return kernels()[0]
 
 
@@ -680,6 +950,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     return out
 
 
+def heads(y: torch.Tensor, H: int, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection's output y (1, T, H·hd) or (T, H·hd) as heads (1, H, T, hd), rotated by cos / sin (1, T, hd) where
+    given: the bits of transformers' view / transpose / apply_rotary_pos_emb."""
+    mod = kernels()[1]
+    y2 = y.reshape(-1, y.shape[-1])
+    T = y2.shape[0]
+    if mod is not None and y2.stride(-1) == 1 and y2.dtype == torch.float32:
+        if cos is None:
+            return mod.heads(y2, y2, y2, H, False).unsqueeze(0)
+        return mod.heads(y2, cos.reshape(T, -1).float().contiguous(), sin.reshape(T, -1).float().contiguous(), H,
+                         True).unsqueeze(0)
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    x = y2.view(1, T, H, -1).transpose(1, 2)  # (1, H, T, hd)
+    if cos is None:
+        return x
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * c) + (rotate_half(x) * s)
+
+
 def self_test(mod) -> bool:
     """Every block type, 1..5 rows and a bias: the extension's `qmm` must equal `qmm_torch` bit for bit."""
     from verispec.kernels.ggml_blocks import TYPES, decode, pack, quantize
@@ -692,7 +982,7 @@ def self_test(mod) -> bool:
             w = decode(name, quantize(W, name), K)
             p = pack(w)
             bias = torch.randn(37, generator=g)
-            for M in (1, 5, 9):  # 9: a full 8-row pass and a remainder
+            for M in (1, 5, 9, 17):  # 9: a full 8-row pass and a remainder; 17: a 16-row AMX pass and one more
                 x = torch.randn(M, K, generator=g) * 3
                 got = mod.qmm(x, p["q"], p["sc"], p["mn"], p["D"], p["Dm"], 37, t.SB, t.GS, t.bits,
                               t.mn_scale, bias)
