@@ -284,7 +284,7 @@ def test_flags_come_from_the_cpus_own_flags():
     intel = _opts(llamacpp.cmake_flags(frozenset(INTEL.split())))
     for o in (zen3, intel):
         assert o["GGML_NATIVE"] == "OFF" and o["LLAMA_CURL"] == "OFF" and o["CMAKE_BUILD_TYPE"] == "Release"
-        assert o["GGML_AMX_TILE"] == o["GGML_AMX_INT8"] == o["GGML_AMX_BF16"] == "OFF"  # listed, not probed
+        assert o["GGML_AMX_TILE"] == o["GGML_AMX_INT8"] == o["GGML_AMX_BF16"] == "OFF"  # even where listed
         assert o["GGML_AVX2"] == o["GGML_FMA"] == o["GGML_F16C"] == "ON"
         assert "GGML_OPENMP" not in o  # its default
     assert all(zen3[k] == "OFF" for k in ("GGML_AVX512", "GGML_AVX512_VNNI", "GGML_AVX512_BF16", "GGML_AVX512_VBMI",
@@ -296,18 +296,6 @@ def test_flags_come_from_the_cpus_own_flags():
     assert _opts(llamacpp.cmake_flags(frozenset()))["GGML_AVX2"] == "OFF"  # nothing assumed
     assert llamacpp.build_id(llamacpp.cmake_flags(frozenset(ZEN3.split()))) != \
         llamacpp.build_id(llamacpp.cmake_flags(frozenset(INTEL.split())))
-
-
-def test_amx_is_on_only_where_its_probe_ran_tiles_and_the_cpu_lists_it():
-    intel = frozenset(INTEL.split()) | {"amx_tile", "amx_int8", "amx_bf16"}
-    on = _opts(llamacpp.cmake_flags(intel, amx=True))
-    assert on["GGML_AMX_TILE"] == on["GGML_AMX_INT8"] == on["GGML_AMX_BF16"] == "ON"
-    assert _opts(llamacpp.cmake_flags(intel, amx=False))["GGML_AMX_INT8"] == "OFF"  # listed, but the probe failed
-    assert _opts(llamacpp.cmake_flags(frozenset(ZEN3.split()), amx=True))["GGML_AMX_INT8"] == "OFF"  # not listed
-    no_bf16 = _opts(llamacpp.cmake_flags(intel - {"amx_bf16"}, amx=True))
-    assert no_bf16["GGML_AMX_INT8"] == "ON" and no_bf16["GGML_AMX_BF16"] == "OFF"
-    assert llamacpp.build_id(llamacpp.cmake_flags(intel, amx=True)) != \
-        llamacpp.build_id(llamacpp.cmake_flags(intel, amx=False))
 
 
 FAKE_CMAKE = r'''#!{python}

@@ -7,8 +7,7 @@ llama-cpp-python (it vendors llama.cpp's source under vendor/llama.cpp), builds 
 with cmake into `cache_root()/llamacpp/<version>-<hash of the cmake flags>/`, in a temporary folder renamed when
 complete, with a marker json (flags, version, binaries' sha256) written last: an interrupted build leaves nothing
 that looks finished. The instruction sets are chosen from the CPU's own /proc/cpuinfo flags with
-`-DGGML_NATIVE=OFF` (a native build emitted AMX on a VM that forbids it and died with SIGILL); AMX is on only
-where a probe in a child process ran tiles here.
+`-DGGML_NATIVE=OFF` (a native build emitted AMX on a VM that forbids it and died with SIGILL); AMX is always off.
 
 A run sends llama-server the SAME prompt token ids verispec's methods get (`/completion` takes a list of ids), with
 `cache_prompt: false` so every prompt is prefilled as ours are, verispec's sampling rule (greedy: temperature 0,
@@ -79,10 +78,10 @@ CPU_OPTIONS = (
     ("GGML_AVX512_VNNI", (*_AVX512, "avx512_vnni")),
     ("GGML_AVX512_BF16", (*_AVX512, "avx512_bf16")),
 )
-# AMX: a VM may list it and still forbid it, so it is ON only where verispec's own AMX kernels passed their probe in a
-# child process here (`verispec.kernels.native.amx_runs`): the peer then gets the same instructions we use
-AMX_OPTIONS = (("GGML_AMX_TILE", ("amx_tile",)), ("GGML_AMX_INT8", ("amx_tile", "amx_int8")),
-               ("GGML_AMX_BF16", ("amx_tile", "amx_bf16")))
+# AMX off: a VM may list it and forbid it; and where tiles do run (verispec's own AMX kernels pass their probe on the
+# Intel VM of 2026-12-03), this version's AMX build died with SIGILL in ggml_backend_amx_mul_mat (`tilezero` on a
+# worker thread that had loaded no tile configuration)
+ALWAYS_OFF = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 FIXED_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=OFF",
@@ -120,19 +119,12 @@ def cpu_flags(text: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
-def cmake_flags(cpu: frozenset[str] | set[str] | None = None, amx: bool | None = None) -> list[str]:
-    """The cmake configure flags for a CPU with these /proc/cpuinfo flags (default: this machine's). `amx`: whether
-    AMX tiles run here (default: probed on this machine when `cpu` is None, else False)."""
-    if amx is None:
-        amx = False
-        if cpu is None and {"amx_tile", "amx_int8"} <= cpu_flags():
-            from verispec.kernels.native import amx_runs
-
-            amx = amx_runs()
+def cmake_flags(cpu: frozenset[str] | set[str] | None = None) -> list[str]:
+    """The cmake configure flags for a CPU with these /proc/cpuinfo flags (default: this machine's)."""
     cpu = cpu_flags() if cpu is None else cpu
     flags = list(FIXED_FLAGS)
     flags += [f"-D{opt}={'ON' if all(f in cpu for f in needs) else 'OFF'}" for opt, needs in CPU_OPTIONS]
-    return flags + [f"-D{opt}={'ON' if amx and all(f in cpu for f in needs) else 'OFF'}" for opt, needs in AMX_OPTIONS]
+    return flags + [f"-D{opt}=OFF" for opt in ALWAYS_OFF]
 
 
 def build_id(flags: list[str]) -> str:

@@ -830,12 +830,6 @@ def kernels():
     return "torch", None
 
 
-def amx_runs() -> bool:
-    """Whether AMX tiles run on this machine: the avx512_amx kernels build and pass their self-test in a child
-    process (cached next to the build)."""
-    return "amx_tile" in cpu_flags() and os.environ.get(NO_BUILD_ENV) != "1" and build("avx512_amx") is not None
-
-
 def native_path() -> str:
     """The kernel path that runs here: "avx512_amx", "avx512_vnni", "avx2", "generic" (C++) or "torch"."""
     return kernels()[0]
