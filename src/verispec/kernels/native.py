@@ -169,6 +169,44 @@ static inline void full_pass(__m512i* A, const __m512i* qv, __m512i scv, const i
   }
   for (int r = 0; r < RB; ++r) A[r] = _mm512_add_epi32(A[r], _mm512_mullo_epi32(I[r], scv));
 }
+
+// One superblock S of row block b for R activation rows, after its integer sums A (per row, 16 lanes): the mins term
+// B = sum_g mn_g xs_g and acc[r] += (D dx) A - ((Dm mn_scale) dx) B. The vpdpbusd and the AMX code both end here, so
+// their fp32 steps are one code.
+static inline void superblock_fp32(__m512* acc, const __m512i* A, int64_t R, int64_t b, int64_t S, int64_t r0,
+                                   int64_t NS, int64_t G, int64_t GPS, const int8_t* MN, const uint16_t* DD,
+                                   const uint16_t* DM, float mn_scale, const int32_t* xs, const float* dx) {
+  // lane i of group g next to lane i of group g + 1, as int16 pairs (for vpmaddwd with (X_g, X_g+1))
+  const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const int64_t bs = (b * NS + S) * 16, g0 = S * GPS;
+  const __m512 Dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DD + bs)));
+  const __m512 Dms = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DM + bs))),
+                                   _mm512_set1_ps(mn_scale));
+  __m512i mp[8];
+  if (GPS % 2 == 0)
+    for (int64_t k = 0; k < GPS / 2; ++k)
+      mp[k] = _mm512_permutexvar_epi16(ilv, _mm512_cvtepi8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(MN + (b * G + g0 + 2 * k) * 16))));
+  for (int64_t r = 0; r < R; ++r) {
+    const int32_t* X = xs + (r0 + r) * G + g0;
+    __m512i Bv = _mm512_setzero_si512();
+    if (GPS % 2 == 0) {
+      for (int64_t k = 0; k < GPS / 2; ++k) {
+        const int32_t pair = (int32_t)(((uint32_t)X[2 * k + 1] << 16) | ((uint32_t)X[2 * k] & 0xFFFFu));
+        Bv = _mm512_add_epi32(Bv, _mm512_madd_epi16(mp[k], _mm512_set1_epi32(pair)));
+      }
+    } else {
+      for (int64_t k = 0; k < GPS; ++k)
+        Bv = _mm512_add_epi32(Bv, _mm512_mullo_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(MN + (b * G + g0 + k) * 16))), _mm512_set1_epi32(X[k])));
+    }
+    const __m512 dxv = _mm512_set1_ps(dx[(r0 + r) * NS + S]);
+    const __m512 t2 = _mm512_mul_ps(_mm512_mul_ps(Dv, dxv), _mm512_cvtepi32_ps(A[r]));
+    const __m512 t4 = _mm512_mul_ps(_mm512_mul_ps(Dms, dxv), _mm512_cvtepi32_ps(Bv));
+    acc[r] = _mm512_add_ps(acc[r], _mm512_sub_ps(t2, t4));
+  }
+}
 #endif
 
 // y (M, N) = x (M, K) times packed integer weights (see verispec.kernels.ggml_blocks.pack).
@@ -228,8 +266,6 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
       alignas(64) uint8_t Bw[2][8 * 2048];  // [S parity][pair][lo, hi][16 x 64]
       alignas(64) int32_t Ib[2][2][16][16];  // [S parity][lo, hi][row][lane]
       const __m512i low4 = _mm512_set1_epi8(0x0F);
-      const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
       for (int64_t b = b0; b < b1; ++b) {
         auto prep = [&](int64_t S) {  // scaled codes of S: pair p, half h at Bw[S & 1] + p * 2048 + 512 h
           for (int64_t gi = 0; gi < GPS; ++gi) {
@@ -270,31 +306,15 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
             }
             _tile_stored(0, Ib[S & 1][0], 64); _tile_stored(1, Ib[S & 1][1], 64);
           };
+          __m512 acc[16];
           auto post = [&](int64_t S) {
-            const int64_t bs = (b * NS + S) * 16, g0 = S * GPS;
-            const __m512 Dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DD + bs)));
-            const __m512 Dms = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DM + bs))),
-                                             _mm512_set1_ps(mn_scale));
-            __m512i mp[8];
-            for (int64_t k = 0; k < GPS / 2; ++k)
-              mp[k] = _mm512_permutexvar_epi16(ilv, _mm512_cvtepi8_epi16(
-                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(MN + (b * G + g0 + 2 * k) * 16))));
-            for (int64_t r = 0; r < R; ++r) {
-              const __m512i A = _mm512_add_epi32(_mm512_load_si512(Ib[S & 1][0][r]),
-                                                 _mm512_slli_epi32(_mm512_load_si512(Ib[S & 1][1][r]), 3));
-              const int32_t* X = xs.data() + (r0 + r) * G + g0;
-              __m512i Bv = _mm512_setzero_si512();
-              for (int64_t k = 0; k < GPS / 2; ++k) {  // the mins term, as the vpdpbusd code computes it
-                const int32_t pair = (int32_t)(((uint32_t)X[2 * k + 1] << 16) | ((uint32_t)X[2 * k] & 0xFFFFu));
-                Bv = _mm512_add_epi32(Bv, _mm512_madd_epi16(mp[k], _mm512_set1_epi32(pair)));
-              }
-              const __m512 dxv = _mm512_set1_ps(dx[(r0 + r) * NS + S]);
-              const __m512 t2 = _mm512_mul_ps(_mm512_mul_ps(Dv, dxv), _mm512_cvtepi32_ps(A));
-              const __m512 t4 = _mm512_mul_ps(_mm512_mul_ps(Dms, dxv), _mm512_cvtepi32_ps(Bv));
-              _mm512_store_ps(out[r], _mm512_add_ps(_mm512_load_ps(out[r]), _mm512_sub_ps(t2, t4)));
-            }
+            __m512i A[16];
+            for (int64_t r = 0; r < R; ++r)
+              A[r] = _mm512_add_epi32(_mm512_load_si512(Ib[S & 1][0][r]),
+                                      _mm512_slli_epi32(_mm512_load_si512(Ib[S & 1][1][r]), 3));
+            superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs.data(), dx.data());
           };
-          for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], _mm512_setzero_ps());
+          for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
           prep(0);
           for (int64_t S = 0; S < NS; ++S) {
             if (S + 1 < NS) prep(S + 1);
@@ -302,6 +322,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
             if (S > 0) post(S - 1);
           }
           post(NS - 1);
+          for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], acc[r]);
           emit(b, r0, R);
         }
       }
@@ -316,9 +337,6 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
         __m512 acc[RB];
         for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
         const __m512i low4 = _mm512_set1_epi8(0x0F);
-        // lane i of group g next to lane i of group g + 1, as int16 pairs (for vpmaddwd with (X_g, X_g+1))
-        const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                             23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
         for (int64_t S = 0; S < NS; ++S) {
           __m512i A[RB];
           for (int r = 0; r < RB; ++r) A[r] = _mm512_setzero_si512();
@@ -373,33 +391,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
               }
             }
           }
-          const int64_t bs = (b * NS + S) * 16, g0 = S * GPS;
-          const __m512 Dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DD + bs)));
-          const __m512 Dms = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(DM + bs))),
-                                           _mm512_set1_ps(mn_scale));
-          __m512i mp[8];
-          if (GPS % 2 == 0)
-            for (int64_t k = 0; k < GPS / 2; ++k)
-              mp[k] = _mm512_permutexvar_epi16(ilv, _mm512_cvtepi8_epi16(
-                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(MN + (b * G + g0 + 2 * k) * 16))));
-          for (int64_t r = 0; r < R; ++r) {
-            const int32_t* X = xs.data() + (r0 + r) * G + g0;
-            __m512i Bv = _mm512_setzero_si512();
-            if (GPS % 2 == 0) {
-              for (int64_t k = 0; k < GPS / 2; ++k) {
-                const int32_t pair = (int32_t)(((uint32_t)X[2 * k + 1] << 16) | ((uint32_t)X[2 * k] & 0xFFFFu));
-                Bv = _mm512_add_epi32(Bv, _mm512_madd_epi16(mp[k], _mm512_set1_epi32(pair)));
-              }
-            } else {
-              for (int64_t k = 0; k < GPS; ++k)
-                Bv = _mm512_add_epi32(Bv, _mm512_mullo_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    reinterpret_cast<const __m128i*>(MN + (b * G + g0 + k) * 16))), _mm512_set1_epi32(X[k])));
-            }
-            const __m512 dxv = _mm512_set1_ps(dx[(r0 + r) * NS + S]);
-            const __m512 t2 = _mm512_mul_ps(_mm512_mul_ps(Dv, dxv), _mm512_cvtepi32_ps(A[r]));
-            const __m512 t4 = _mm512_mul_ps(_mm512_mul_ps(Dms, dxv), _mm512_cvtepi32_ps(Bv));
-            acc[r] = _mm512_add_ps(acc[r], _mm512_sub_ps(t2, t4));
-          }
+          superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs.data(), dx.data());
         }
         for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], acc[r]);
 #elif defined(VS_AVX2)
