@@ -128,7 +128,7 @@ def test_wide_inputs_take_the_int8_copy():
             want = layer.wide(x) if rows >= WIDE_ROWS else layer.narrow(x)
             assert torch.equal(layer(x), want), rows
             assert float((layer(x) - lin(x)).abs().max() / lin(x).abs().max()) < 0.1  # both close to fp32
-        x3 = torch.randn(2, 3, 64)  # 6 rows in a 3-D input: wide
+        x3 = torch.randn(2, WIDE_ROWS // 2, 64)  # WIDE_ROWS rows in a 3-D input: wide
         assert torch.equal(layer(x3), layer.wide(x3))
     assert weight_count(nn.Sequential(layer)) == 64 * 48 + 48  # the int8 copy is not counted twice
 
