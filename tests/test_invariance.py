@@ -68,22 +68,29 @@ def test_int8_moves_every_row_with_its_neighbours(results):
 
 
 def test_int4_differs_from_its_wide_rows_on(results):
-    """fast-int4 sends inputs of >= 4 rows to an int8 copy: k < 4 stays near AR, k >= 4 moves ~10x further.
+    """fast-int4 sends inputs of >= WIDE_ROWS rows to an int8 copy: narrower chains and trees stay near AR, wider
+    ones move ~10x further.
 
     Near, not equal: every int4 kernel rounds its activations (bf16 for PyTorch's; int8 per group of 32 for verispec's
     VNNI kernel), so an fp32-rounding difference upstream (attention over 1 vs k query rows, ~1e-8) can flip one
     activation's rounding and move a row by ~1e-3 (measured 2.5e-3 on an AVX-512 VNNI Zen, where PyTorch's kernel
     gave < 1e-4). The int8 copy moves every row by ~0.1."""
+    from verispec.kernels.int4 import WIDE_ROWS
+
     r = results["fast-int4"]
     if r["backend"] != "fast-int4":
         pytest.skip(f"fast-int4 fell back to {r['backend']} here")
-    for k in (2, 3):
-        assert r["chains"][str(k)]["max_rel"] < 1e-2, k
-    for k in (4, 8, 16):
-        assert r["chains"][str(k)]["max_rel"] > 3e-2, k
-        assert r["chains"][str(k)]["row_max_abs"][0] > 0
-    for t in r["trees"].values():  # every tree here has >= 4 rows
-        assert t["max_rel"] > 1e-3
+    ks = sorted(int(k) for k in r["chains"])
+    assert any(k >= WIDE_ROWS for k in ks) and any(1 < k < WIDE_ROWS for k in ks)  # both sides are measured
+    for k in ks:
+        c = r["chains"][str(k)]
+        if 1 < k < WIDE_ROWS:
+            assert c["max_rel"] < 1e-2, k
+        elif k >= WIDE_ROWS:
+            assert c["max_rel"] > 3e-2, k
+            assert c["row_max_abs"][0] > 0
+    for t in r["trees"].values():
+        assert t["max_rel"] < 1e-2 if t["nodes"] + 1 < WIDE_ROWS else t["max_rel"] > 1e-3
 
 
 def test_tree_holds_the_path_among_distinct_siblings():
