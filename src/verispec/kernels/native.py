@@ -263,11 +263,16 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
       // stored just before it waits for that store).
       amx_config();
       const int64_t PRS = GPS / 2;  // tile products (64 inputs) per superblock
-      alignas(64) uint8_t Bw[2][8 * 2048];  // [S parity][pair][lo, hi][16 x 64]
+      // scaled codes, [superblock][pair][lo, hi][16 x 64]: a ring of 2 superblocks for one 16-row pass; for more
+      // rows (a prefill) all of a row block's, laid out by the first pass and read again by the others
+      const bool keep = M > 16;
+      std::vector<uint8_t> Bw_v(((keep ? NS : 2) * 8 * 2048) + 64);
+      uint8_t* Bw0 = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(Bw_v.data()) + 63) & ~uintptr_t(63));
+      auto Bw = [&](int64_t S) { return Bw0 + (keep ? S : S & 1) * 8 * 2048; };
       alignas(64) int32_t Ib[2][2][16][16];  // [S parity][lo, hi][row][lane]
       const __m512i low4 = _mm512_set1_epi8(0x0F);
       for (int64_t b = b0; b < b1; ++b) {
-        auto prep = [&](int64_t S) {  // scaled codes of S: pair p, half h at Bw[S & 1] + p * 2048 + 512 h
+        auto prep = [&](int64_t S) {  // scaled codes of S: pair p, half h at Bw(S) + p * 2048 + 512 h
           for (int64_t gi = 0; gi < GPS; ++gi) {
             const int64_t bg = b * G + S * GPS + gi;
             const uint8_t* wp = Q + bg * qbytes;
@@ -276,7 +281,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
             __m512i sl = _mm512_and_si512(sc32, _mm512_set1_epi32(7)), sh = _mm512_srli_epi32(sc32, 3);
             sl = _mm512_or_si512(sl, _mm512_slli_epi32(sl, 16));  // a lane's scale in both of its 16-bit halves
             sh = _mm512_or_si512(sh, _mm512_slli_epi32(sh, 16));
-            uint8_t* lo_t = Bw[S & 1] + (gi / 2) * 2048 + 512 * (gi % 2);
+            uint8_t* lo_t = Bw(S) + (gi / 2) * 2048 + 512 * (gi % 2);
             for (int64_t t = 0; t < 4; ++t) {  // q <= 15, s <= 7: 16-bit products never carry into the next byte
               const __m512i v = _mm512_loadu_si512(wp + 64 * t);
               const __m512i c0 = _mm512_and_si512(v, low4), c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
@@ -291,7 +296,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
           const int64_t R = std::min<int64_t>(16, M - r0);
           auto tiles = [&](int64_t S) {  // C: 0 (codes x sc_lo), 1 (x sc_hi); activations 3 / 4; B 5, 6
             const int8_t* xa = xq.data() + r0 * K + S * SB;
-            const uint8_t* w = Bw[S & 1];
+            const uint8_t* w = Bw(S);
             _tile_zero(0); _tile_zero(1);
             for (int64_t pr = 0; pr < PRS; ++pr) {
               const uint8_t* wq = w + pr * 2048;
@@ -315,9 +320,9 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
             superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs.data(), dx.data());
           };
           for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-          prep(0);
+          if (r0 == 0 || !keep) prep(0);
           for (int64_t S = 0; S < NS; ++S) {
-            if (S + 1 < NS) prep(S + 1);
+            if (S + 1 < NS && (r0 == 0 || !keep)) prep(S + 1);
             tiles(S);
             if (S > 0) post(S - 1);
           }
