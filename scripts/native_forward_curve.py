@@ -1,5 +1,6 @@
 """The target's forward time T(k) on the gguf backend, k = 1, 2, 4, 8, 16 new tokens after a 300-token context:
-`NativeDecoder` plus the output layer, best of 5, and (with --prof) where one forward's time goes by kernel.
+`NativeDecoder` plus the output layer, best of 5, and (with --prof) where one forward's time goes by kernel (on the
+Python layer loop: `VERISPEC_NO_STEP=1` for the curve too gives that loop's T(k)).
 
 Usage: python scripts/native_forward_curve.py [--model qwen2.5-coder-1.5b] [--prof]
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import time
 
 import torch
@@ -42,7 +44,9 @@ def main() -> None:
     t = {k: 1000 * min(once(k) for _ in range(5)) for k in ks}
     print(f"path {KN.native_path()}; T(k) ms: " + ", ".join(f"{k}: {v:.1f}" for k, v in t.items())
           + f"; T(8)/T(1) {t[8] / t[1]:.2f}, T(16)/T(1) {t[16] / t[1]:.2f}")
-    if a.prof:
+    if a.prof:  # per kernel: the Python layer loop (the C++ one, verispec.backends.step, is one opaque call)
+        os.environ["VERISPEC_NO_STEP"] = "1"
+        dec._step = None
         path, mod = KN.kernels()
         spent, calls = collections.Counter(), collections.Counter()
 

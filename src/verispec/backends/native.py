@@ -372,6 +372,31 @@ def _mlp(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(native.silu_mul(g, u))
 
 
+def native_step(layers: list[nn.Module]):
+    """A `verispec.backends.step.Step` running these native layers (None where a part is not the native one)."""
+    from verispec.backends.step import Step
+
+    if not layers or not all(isinstance(ly.input_layernorm, NativeRMSNorm) and isinstance(ly.mlp, NativeMLP)
+                             and isinstance(ly.post_attention_layernorm, NativeRMSNorm) for ly in layers):
+        return None
+    eps = {ly.input_layernorm.variance_epsilon for ly in layers} | {ly.post_attention_layernorm.variance_epsilon
+                                                                     for ly in layers}
+    attn = layers[0].self_attn
+    if len(eps) != 1 or len({(ly.self_attn.head_dim, ly.self_attn.scaling) for ly in layers}) != 1:
+        return None
+
+    def projections(layer):
+        qkv, gu = fused_layer(layer)
+        a, m = layer.self_attn, layer.mlp
+        groups = [(lin, list(lin.widths) if len(names) > 1 else [lin.out_features]) for lin, names in qkv]
+        gate_up = ([(gu, list(gu.widths))] if gu is not None
+                   else [(m.gate_proj, [m.gate_proj.out_features]), (m.up_proj, [m.up_proj.out_features])])
+        return groups, gate_up, a.o_proj, m.down_proj
+
+    n_kv = attn.k_proj.out_features // attn.head_dim
+    return Step.build(layers, projections, eps.pop(), attn.head_dim, attn.scaling, n_kv)
+
+
 class NativeDecoder:
     """transformers' Qwen2 / Llama decoder forward on the native modules, without its per-call Python (mask
     construction, output capturing, attention-interface dispatch): the same kernels called on the same tensors in
@@ -385,6 +410,15 @@ class NativeDecoder:
     def __init__(self, model: nn.Module):
         body = model.get_decoder()
         self.embed, self.layers, self.norm, self.rotary = body.embed_tokens, list(body.layers), body.norm, body.rotary_emb
+        self._step = None  # verispec.backends.step.Step of self.layers, built on first use (False: cannot run)
+
+    def step_for(self, cache):
+        """The C++ layer loop for these layers where it can run on `cache` (else None): built once per layer list
+        (a layer-skip view, a shallow copy with fewer layers, builds its own)."""
+        st = self._step
+        if st is None or (st is not False and st.layers != self.layers):
+            st = self._step = native_step(self.layers) or False
+        return st if st is not False and st.usable(self.layers, cache) else None
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, cache, n_last: int = 1) -> torch.Tensor:
@@ -392,6 +426,10 @@ class NativeDecoder:
         P = cache.get_seq_length()
         x = self.embed(input_ids)  # (1, T, H)
         cos, sin = self.rotary(x, torch.arange(P, P + T).unsqueeze(0))  # (1, T, hd) each
+        st = self.step_for(cache)
+        if st is not None:  # the loop below in one C++ call: the same kernels on the same values, the same bits
+            x = st(x[0].contiguous(), cos[0].contiguous(), sin[0].contiguous(), cache, P)  # (T, H)
+            return self.norm(x)[-n_last:]  # (n_last, H)
         allowed = torch.ones(T, P + T, dtype=torch.bool).tril(P).unsqueeze(0)  # (1, T, P + T) causal
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn

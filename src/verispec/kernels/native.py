@@ -45,6 +45,7 @@ import torch
 
 from verispec.home import cache_root
 from verispec.kernels.cpu import cpu_flags
+from verispec.kernels.q4kernel import SOURCE as Q4_SOURCE
 
 PATH_ENV = "VERISPEC_NATIVE_PATH"
 NO_BUILD_ENV = "VERISPEC_NO_KERNEL_BUILD"
@@ -622,30 +623,31 @@ static inline float tree16(__m512 acc) {
 }
 #endif
 
-// q (B, Hq, M, Dh), k and v (B, Hkv, N, Dh), allowed (B, M, N) bool -> (B, M, Hq, Dh)
+// q (B, Hq, M, Dh) contiguous; the keys / values of (batch b, kv head kh) start at Kp / Vp + (b * Hkv + kh) * ks, one
+// row of Dh per key; row i of batch b sees key j where Al[(b * M + i) * N + j], or (Al null: a causal chain after
+// `causal` cached keys) where j <= causal + i. O (B, M, Hq, Dh) is zero on entry (rows that see nothing stay zero).
 // One task per (batch, kv head, query row): the query heads that share a kv head read each key and value once.
 // Per (query head, row) the arithmetic is fixed: dot16 scores of the visible keys in key order, vs_exp, their sum in
 // key order, the values' weighted sum in key order. It does not depend on M, N beyond the visible keys, or the mask.
-torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor allowed, double scale_d) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && allowed.is_contiguous(), "contiguous");
-  const int64_t B = q.size(0), Hq = q.size(1), M = q.size(2), Dh = q.size(3), Hkv = k.size(1), N = k.size(2);
-  TORCH_CHECK(Hq % Hkv == 0 && allowed.size(1) == M && allowed.size(2) == N, "shapes");
-  auto out = torch::zeros({B, M, Hq, Dh}, q.options());
-  const float* Qp = q.data_ptr<float>(); const float* Kp = k.data_ptr<float>(); const float* Vp = v.data_ptr<float>();
-  const bool* Al = allowed.data_ptr<bool>(); float* O = out.data_ptr<float>();
-  const float scale = (float)scale_d;
+static void attention_rows(const float* Qp, const float* Kp, const float* Vp, const bool* Al, int64_t causal,
+                           int64_t B, int64_t Hq, int64_t M, int64_t Dh, int64_t Hkv, int64_t N, int64_t ks,
+                           float scale, float* O) {
   const int64_t rep = Hq / Hkv;
   at::parallel_for(0, B * Hkv * M, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s(rep * N), o(rep * Dh);
     std::vector<int64_t> idx(N);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (Hkv * M), kh = (t / M) % Hkv, i = t % M;
-      const float* kb = Kp + (b * Hkv + kh) * N * Dh;
-      const float* vb = Vp + (b * Hkv + kh) * N * Dh;
-      const bool* al = Al + (b * M + i) * N;
+      const float* kb = Kp + (b * Hkv + kh) * ks;
+      const float* vb = Vp + (b * Hkv + kh) * ks;
       int64_t n = 0;
-      for (int64_t j = 0; j < N; ++j)
-        if (al[j]) idx[n++] = j;
+      if (Al) {
+        const bool* al = Al + (b * M + i) * N;
+        for (int64_t j = 0; j < N; ++j)
+          if (al[j]) idx[n++] = j;
+      } else {
+        for (int64_t j = 0; j <= causal + i && j < N; ++j) idx[n++] = j;
+      }
       if (n == 0) continue;
       auto qrow = [&](int64_t hh) { return Qp + ((b * Hq + kh * rep + hh) * M + i) * Dh; };
       for (int64_t h0 = 0; h0 < rep; h0 += 8) {  // scores, up to 8 heads per pass over the keys
@@ -700,6 +702,16 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
       }
     }
   });
+}
+
+// q (B, Hq, M, Dh), k and v (B, Hkv, N, Dh), allowed (B, M, N) bool -> (B, M, Hq, Dh)
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor allowed, double scale_d) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && allowed.is_contiguous(), "contiguous");
+  const int64_t B = q.size(0), Hq = q.size(1), M = q.size(2), Dh = q.size(3), Hkv = k.size(1), N = k.size(2);
+  TORCH_CHECK(Hq % Hkv == 0 && allowed.size(1) == M && allowed.size(2) == N, "shapes");
+  auto out = torch::zeros({B, M, Hq, Dh}, q.options());
+  attention_rows(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), allowed.data_ptr<bool>(), 0, B, Hq,
+                 M, Dh, Hkv, N, N * Dh, (float)scale_d, out.data_ptr<float>());
   return out;
 }
 
@@ -727,7 +739,151 @@ torch::Tensor heads(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64
 }
 """
 
-FUNCTIONS = ["path", "amx_rows", "qmm", "rmsnorm", "silu_mul", "attention", "heads"]
+# verispec.kernels.q4kernel's 4-bit drafter kernel, in this extension too (namespace vq4, AVX-512 builds only), so that
+# `step` can run a fast-int4 drafter's layers as well as a GGUF target's
+_Q4_BODY = "\n".join(line for line in Q4_SOURCE.splitlines() if not line.startswith("#include"))
+SOURCE += "\n#if defined(VS_AVX512)\nnamespace vq4 {\n" + _Q4_BODY + "\n}  // namespace vq4\n#endif\n"
+
+SOURCE += r"""
+// ---- A causal chain's decoder forward in one call (verispec.backends.step) ----
+// The layers' weights are registered once as a plan (plan_new); step runs every layer for T new rows after P cached
+// ones: rmsnorm, the q/k/v projections, heads with rotary, the new keys / values written into each layer's KV buffer
+// (grown with spare capacity, so a token does not copy the whole cache), attention over the P + T visible keys, o,
+// the residual, rmsnorm, gate / up, silu_mul, down, the residual. The same kernel calls on the same values as
+// NativeDecoder's Python loop, so the same bits; only the per-operation Python and torch dispatch is gone.
+namespace vstep {
+struct Lin {
+  int64_t kind = 0, N = 0, SB = 0, GS = 0, bits = 0;  // kind 0: GGUF blocks (qmm); 1: the q4 drafter layout
+  double mn_scale = 0.0;
+  torch::Tensor a, b, c, d, e;
+  c10::optional<torch::Tensor> bias;
+  std::vector<int64_t> widths;  // a fused projection's parts, in order (one entry: not fused)
+};
+struct Layer { torch::Tensor ln1, ln2; std::vector<Lin> qkv, gu; Lin o, down; };
+struct Plan { std::vector<Layer> layers; double eps = 1e-6, scaling = 1.0; int64_t nh = 0, nkv = 0, hd = 0; };
+static std::vector<std::unique_ptr<Plan>> plans;  // by id; calls come from Python holding the GIL
+
+static torch::Tensor run(const Lin& l, const torch::Tensor& x) {
+  if (l.kind == 0) return qmm(x, l.a, l.b, l.c, l.d, l.e, l.N, l.SB, l.GS, l.bits, l.mn_scale, l.bias);
+#if defined(VS_AVX512)
+  torch::Tensor y = vq4::q4_mm(x, l.a, l.b, l.c);  // (M, N rounded up to 16)
+  if (y.size(1) != l.N) y = y.narrow(1, 0, l.N);
+  return l.bias.has_value() ? at::add(y, *l.bias) : y.contiguous();
+#else
+  TORCH_CHECK(false, "q4 layers need an AVX-512 build");
+#endif
+}
+
+static void parts(const Lin& l, const torch::Tensor& x, std::vector<torch::Tensor>& out) {
+  torch::Tensor y = run(l, x);  // (T, sum widths)
+  if (l.widths.size() <= 1) { out.push_back(y); return; }
+  int64_t at = 0;
+  for (int64_t w : l.widths) { out.push_back(y.narrow(1, at, w)); at += w; }
+}
+}  // namespace vstep
+
+// Tensors, ints and floats in the order verispec.backends.step.plan_args writes them; returns the plan's id.
+int64_t plan_new(std::vector<torch::Tensor> T, std::vector<int64_t> I, std::vector<double> F) {
+  size_t ti = 0, ii = 0, fi = 0;
+  auto nt = [&]() { TORCH_CHECK(ti < T.size(), "plan: too few tensors"); return T[ti++]; };
+  auto ni = [&]() { TORCH_CHECK(ii < I.size(), "plan: too few ints"); return I[ii++]; };
+  auto nf = [&]() { TORCH_CHECK(fi < F.size(), "plan: too few floats"); return F[fi++]; };
+  auto lin = [&]() {
+    vstep::Lin l;
+    l.kind = ni(); l.N = ni(); l.SB = ni(); l.GS = ni(); l.bits = ni();
+    const int64_t nw = ni();
+    for (int64_t k = 0; k < nw; ++k) l.widths.push_back(ni());
+    l.a = nt(); l.b = nt(); l.c = nt(); l.d = nt(); l.e = nt();
+    torch::Tensor bias = nt();
+    if (bias.numel() > 0) l.bias = bias;
+    l.mn_scale = nf();
+    TORCH_CHECK(l.kind == 0 || l.kind == 1, "plan: linear kind");
+#if !defined(VS_AVX512)
+    TORCH_CHECK(l.kind == 0, "q4 layers need an AVX-512 build");
+#endif
+    return l;
+  };
+  auto p = std::make_unique<vstep::Plan>();
+  const int64_t L = ni();
+  p->nh = ni(); p->nkv = ni(); p->hd = ni();
+  p->eps = nf(); p->scaling = nf();
+  for (int64_t i = 0; i < L; ++i) {
+    vstep::Layer ly;
+    ly.ln1 = nt(); ly.ln2 = nt();
+    const int64_t nq = ni();
+    for (int64_t k = 0; k < nq; ++k) ly.qkv.push_back(lin());
+    const int64_t ng = ni();
+    for (int64_t k = 0; k < ng; ++k) ly.gu.push_back(lin());
+    ly.o = lin(); ly.down = lin();
+    p->layers.push_back(std::move(ly));
+  }
+  TORCH_CHECK(ti == T.size() && ii == I.size() && fi == F.size(), "plan: trailing entries");
+  vstep::plans.push_back(std::move(p));
+  return (int64_t)vstep::plans.size() - 1;
+}
+
+void plan_free(int64_t id) {
+  if (id >= 0 && id < (int64_t)vstep::plans.size()) vstep::plans[id].reset();
+}
+
+// x (T, H) the new rows' embeddings, cos / sin (T, hd) their rotary tables, P the cached rows, and per layer i
+// kv[4i..4i+3] = its cached keys and values (1, nkv, P, hd) (empty when P = 0) and the buffers they may be views of
+// (empty when none). Returns [x after the last layer (T, H), then per layer: key buffer, value buffer, keys, values
+// (views of the buffers, (1, nkv, P + T, hd))]. Keys are written into a buffer only where the cached keys are its
+// leading rows and it has room; otherwise a larger buffer is made and the cached rows copied once.
+std::vector<torch::Tensor> step(int64_t id, torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t P,
+                                std::vector<torch::Tensor> kv) {
+  TORCH_CHECK(id >= 0 && id < (int64_t)vstep::plans.size() && vstep::plans[id], "step: no such plan");
+  const vstep::Plan& p = *vstep::plans[id];
+  const int64_t L = p.layers.size(), T = x.size(0), nkv = p.nkv, hd = p.hd;
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat, "step: x (T, H) fp32");
+  TORCH_CHECK((int64_t)kv.size() == 4 * L, "step: 4 cache tensors per layer");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T && cos.size(1) == hd, "step: cos, sin");
+  std::vector<torch::Tensor> out(1 + 4 * L);
+  auto room = [&](const torch::Tensor& view, const torch::Tensor& buf) {  // the buffer to write rows P.. into
+    if (P > 0)
+      TORCH_CHECK(view.dim() == 4 && view.size(0) == 1 && view.size(1) == nkv && view.size(2) == P &&
+                  view.size(3) == hd && view.scalar_type() == torch::kFloat, "step: cached keys / values shape");
+    const bool fits = buf.defined() && buf.dim() == 4 && buf.size(1) == nkv && buf.size(3) == hd &&
+                      buf.size(2) >= P + T && buf.is_contiguous() &&
+                      (P == 0 || (view.data_ptr() == buf.data_ptr() && view.strides().equals(buf.strides())));
+    if (fits) return buf;
+    const int64_t cap = P + T + std::max<int64_t>(256, (P + T) / 2);
+    torch::Tensor nb = torch::empty({1, nkv, cap, hd}, x.options());
+    if (P > 0) nb.narrow(2, 0, P).copy_(view);
+    return nb;
+  };
+  for (int64_t i = 0; i < L; ++i) {
+    const vstep::Layer& ly = p.layers[i];
+    torch::Tensor h = rmsnorm(x, ly.ln1, p.eps);
+    std::vector<torch::Tensor> qkv;
+    for (const auto& l : ly.qkv) vstep::parts(l, h, qkv);
+    TORCH_CHECK(qkv.size() == 3, "step: q, k, v");
+    torch::Tensor q = heads(qkv[0], cos, sin, qkv[0].size(1) / hd, true);  // (nh, T, hd)
+    torch::Tensor k = heads(qkv[1], cos, sin, nkv, true);  // (nkv, T, hd)
+    torch::Tensor v = heads(qkv[2], cos, sin, nkv, false);
+    torch::Tensor kb = room(kv[4 * i], kv[4 * i + 2]), vb = room(kv[4 * i + 1], kv[4 * i + 3]);
+    kb.select(0, 0).narrow(1, P, T).copy_(k);
+    vb.select(0, 0).narrow(1, P, T).copy_(v);
+    const int64_t nh = q.size(0);
+    torch::Tensor o = torch::zeros({1, T, nh, hd}, x.options());
+    attention_rows(q.data_ptr<float>(), kb.data_ptr<float>(), vb.data_ptr<float>(), nullptr, P, 1, nh, T, hd, nkv,
+                   P + T, kb.size(2) * hd, (float)p.scaling, o.data_ptr<float>());
+    x = at::add(x, vstep::run(ly.o, o.view({T, nh * hd})));
+    h = rmsnorm(x, ly.ln2, p.eps);
+    std::vector<torch::Tensor> gu;
+    for (const auto& l : ly.gu) vstep::parts(l, h, gu);
+    TORCH_CHECK(gu.size() == 2, "step: gate, up");
+    x = at::add(x, vstep::run(ly.down, silu_mul(gu[0].contiguous(), gu[1].contiguous())));
+    out[1 + 4 * i] = kb; out[2 + 4 * i] = vb;
+    out[3 + 4 * i] = kb.narrow(2, 0, P + T); out[4 + 4 * i] = vb.narrow(2, 0, P + T);
+  }
+  out[0] = x;
+  return out;
+}
+"""
+
+FUNCTIONS = ["path", "amx_rows", "qmm", "rmsnorm", "silu_mul", "attention", "heads", "plan_new", "plan_free", "step"]
 AMX_ROWS_ENV = "VERISPEC_AMX_MIN_ROWS"
 
 

@@ -51,6 +51,20 @@ class LeanDecoder:
                 else (lambda h, m=mlp: (m.gate_proj(h), m.up_proj(h))),
             ))
 
+        self._step = None  # verispec.backends.step.Step of self.layers, built on first use (False: cannot run)
+
+    def step_for(self, cache, T: int):
+        """The C++ layer loop (`verispec.backends.step`) where every projection is on the q4 kernel and T rows stay
+        on it (wider inputs take the int8 copies, faster there), else None. Built once per layer list."""
+        from verispec.kernels.int4 import WIDE_ROWS
+
+        if T >= WIDE_ROWS:
+            return None
+        st = self._step
+        if st is None or (st is not False and st.layers != self.layers):
+            st = self._step = _int4_step(self) or False
+        return st if st is not False and st.usable(self.layers, cache) else None
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, cache, n_last: int = 1) -> torch.Tensor:
         """Feed input_ids (1, T) after the cache's tokens (the cache is extended); return the final-norm hidden
@@ -60,6 +74,10 @@ class LeanDecoder:
         x = self.embed(input_ids)  # (1, T, H)
         position_ids = torch.arange(P, P + T, device=x.device).unsqueeze(0)  # (1, T)
         cos, sin = self.rotary(x, position_ids)  # (1, T, hd) each
+        st = self.step_for(cache, T)
+        if st is not None:  # the loop below in one C++ call (verispec's per-row kernels: not these exact roundings)
+            x = st(x[0].float().contiguous(), cos[0].float().contiguous(), sin[0].float().contiguous(), cache, P)
+            return self.norm(x[-n_last:])  # (n_last, H)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, hd): broadcast over heads
         # One new token sees everything cached; T new tokens see the cache and the causal part of themselves.
         mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)  # (T, P + T)
@@ -113,6 +131,36 @@ class LeanDecoder:
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)  # (1, N, H)
         rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
         return self.norm(x[0, rows])  # (sum n_out, H)
+
+
+def _int4_step(dec: LeanDecoder):
+    """A `verispec.backends.step.Step` for a fast-int4 drafter's layers (None where a projection is not on the q4
+    kernel, or the norms / activation are not Qwen2 / Llama's RMSNorm and SiLU)."""
+    from verispec.backends.step import Step
+
+    layers = dec.layers
+    eps = set()
+    for ly in layers:
+        for ln in (ly.input_layernorm, ly.post_attention_layernorm):
+            if type(ln).__name__ not in ("Qwen2RMSNorm", "LlamaRMSNorm"):
+                return None
+            eps.add(float(ln.variance_epsilon))
+        if type(ly.mlp.act_fn).__name__ != "SiLUActivation" and getattr(ly.mlp.act_fn, "__name__", "") != "silu":
+            return None
+    attn = layers[0].self_attn
+    if len(eps) != 1:
+        return None
+
+    def projections(layer):
+        a, m = layer.self_attn, layer.mlp
+        qkv, gu = fused_group(a, "q_proj"), fused_group(m, "gate_proj")
+        one = lambda lin: (lin, [lin.out_features])  # noqa: E731
+        return ([(qkv.linear, list(qkv.sizes))] if qkv is not None else [one(a.q_proj), one(a.k_proj), one(a.v_proj)],
+                [(gu.linear, list(gu.sizes))] if gu is not None else [one(m.gate_proj), one(m.up_proj)],
+                a.o_proj, m.down_proj)
+
+    n_kv = dec.model.config.num_key_value_heads
+    return Step.build(layers, projections, eps.pop(), attn.head_dim, attn.scaling, n_kv)
 
 
 def lean_decoder(model: nn.Module) -> LeanDecoder | None:

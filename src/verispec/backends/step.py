@@ -1,0 +1,130 @@
+"""A decoder forward of a causal chain in one C++ call (`verispec.kernels.native`'s `step`), for the gguf backend's
+`NativeDecoder` and the lean drafter forward on "fast-int4".
+
+Why: on a 2-core machine a decoding step of the 1.5B target spent ~11 ms of its ~60 ms outside the linear kernels,
+and the 0.5B drafter ~8.5 ms of ~21 ms: per-operation Python and torch dispatch (~25 operations per layer) and the
+KV cache's `torch.cat`, which copies the whole cache on every token. Here the layer loop runs in C++ on the same
+kernels, and each layer's keys and values live in a buffer with spare rows, written in place.
+
+Bits: for a GGUF model the step calls exactly the kernels `NativeDecoder`'s Python loop calls (qmm, rmsnorm, heads,
+attention, silu_mul), on the same values in the same order, so its rows are the same bits (tested); the KV buffer only
+changes where the rows live. For a fast-int4 drafter it computes the lean forward's operations with verispec's own
+per-row kernels (a drafter's rounding only changes which drafts are accepted).
+
+The cache stays a transformers `DynamicCache`: each layer's `keys` / `values` are views (the first P + T rows) of its
+buffer, kept on the layer as `_vs_kbuf` / `_vs_vbuf`. Everything else (crop, index_select for trees, adopting a prefix,
+transformers' own forward) works on those views as on any tensor; a later step writes into the buffer only while the
+layer's keys are still its leading rows, and otherwise copies them into a fresh buffer once.
+
+Used only where every part is known: each projection a `NativeLinear` (gguf) or an `Int4Linear` on the q4 kernel, no
+forward hooks on the layers' modules (a feature tap needs the Python loop), a plain DynamicCache. Otherwise the
+callers keep their Python loop. `VERISPEC_NO_STEP=1` turns it off (for A/B timings and per-kernel profiles).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from verispec.kernels import native
+
+_NONE = torch.empty(0)
+NO_STEP_ENV = "VERISPEC_NO_STEP"
+
+
+def _linear_args(lin: nn.Module, widths: list[int], T: list, I: list, F: list) -> bool:
+    """Append one projection's entry for plan_new; False where the step cannot run it."""
+    from verispec.backends.native import NativeLinear
+    from verispec.kernels.int4 import Int4Linear
+
+    if isinstance(lin, NativeLinear):
+        SB, GS, bits, mn_scale = lin._fmt
+        b = lin._buffers
+        I += [0, lin.out_features, SB, GS, bits, len(widths), *widths]
+        T += [b["q"], b["sc"], b["mn"], b["D"], b["Dm"], _NONE if b["bias"] is None else b["bias"]]
+        F.append(float(mn_scale))
+        return True
+    if isinstance(lin, Int4Linear) and lin.kernel == "q4":
+        bias = lin.bias
+        I += [1, lin.out_features, 0, 0, 4, len(widths), *widths]
+        T += [lin.packed, lin.scales, lin.mins, _NONE, _NONE,
+              _NONE if bias is None else bias.detach().float().contiguous()]
+        F.append(0.0)
+        return True
+    return False
+
+
+class Step:
+    """The C++ forward of one decoder's layers (a plan registered once); `None` from `build` where it cannot run."""
+
+    def __init__(self, mod, plan: int, layers: list[nn.Module], watched: list[nn.Module]):
+        self.mod, self.plan, self.layers, self.watched = mod, plan, layers, watched
+
+    def __del__(self):
+        try:
+            self.mod.plan_free(self.plan)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    @classmethod
+    def build(cls, layers: list[nn.Module], projections, norm_eps, head_dim: int, scaling: float,
+              n_kv: int) -> "Step | None":
+        """projections(layer) -> (qkv, gate_up, o, down): qkv and gate_up lists of (linear, output widths)."""
+        mod = native.kernels()[1]
+        if mod is None or not hasattr(mod, "step") or not layers or os.environ.get(NO_STEP_ENV) == "1":
+            return None
+        T: list = []
+        I: list = [len(layers), 0, n_kv, head_dim]
+        F: list = [float(norm_eps), float(scaling)]
+        watched: list[nn.Module] = []
+        for layer in layers:
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            w1, w2 = getattr(ln1, "weight", None), getattr(ln2, "weight", None)
+            if w1 is None or w2 is None or w1.dtype != torch.float32 or w2.dtype != torch.float32:
+                return None
+            T += [w1.detach().contiguous(), w2.detach().contiguous()]
+            qkv, gate_up, o, down = projections(layer)
+            if sum(len(w) for _, w in qkv) != 3 or sum(len(w) for _, w in gate_up) != 2:
+                return None
+            for group in (qkv, gate_up):
+                I.append(len(group))
+                for lin, widths in group:
+                    if not _linear_args(lin, widths, T, I, F):
+                        return None
+            for lin in (o, down):
+                if not _linear_args(lin, [lin.out_features], T, I, F):
+                    return None
+            watched += [layer, ln1, ln2, layer.self_attn, layer.mlp] + [m for m, _ in qkv + gate_up] + [o, down]
+        try:
+            plan = mod.plan_new(T, I, F)
+        except RuntimeError:
+            return None
+        return cls(mod, plan, list(layers), watched)
+
+    def usable(self, layers: list[nn.Module], cache) -> bool:
+        """Whether this plan is still the decoder's (same layers, no hooks added since) and the cache is plain."""
+        if len(layers) != len(self.layers) or any(a is not b for a, b in zip(layers, self.layers)):
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self.watched):
+            return False
+        cl = getattr(cache, "layers", None)
+        return cl is not None and len(cl) >= len(layers) and all(type(c).__name__ == "DynamicLayer"
+                                                                 for c in cl[:len(layers)])
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, P: int) -> torch.Tensor:
+        """x (T, H) after P cached rows, cos / sin (T, hd): the last layer's output (T, H); the cache is extended."""
+        cl = cache.layers[:len(self.layers)]
+        kv = []
+        for c in cl:
+            if P > 0:
+                kv += [c.keys, c.values, getattr(c, "_vs_kbuf", _NONE), getattr(c, "_vs_vbuf", _NONE)]
+            else:
+                kv += [_NONE, _NONE, getattr(c, "_vs_kbuf", _NONE), getattr(c, "_vs_vbuf", _NONE)]
+        out = self.mod.step(self.plan, x, cos, sin, P, kv)
+        for i, c in enumerate(cl):
+            c._vs_kbuf, c._vs_vbuf, c.keys, c.values = out[1 + 4 * i:5 + 4 * i]
+            if not c.is_initialized:
+                c.dtype, c.device, c.is_initialized = x.dtype, x.device, True
+        return out[0]
