@@ -49,6 +49,10 @@ class CachedLM:
             from verispec.rewrites.lean import lean_decoder
 
             self.lean = lean_decoder(model)
+            if self.lean is not None:  # a fast-int4 drafter's layers may run as one C++ call
+                from verispec.backends.step import int4_step
+
+                self.lean.make_step = int4_step
         # Optional replacement output layer: hidden (n, H) -> logits (n, vocab_size), run after the model's body
         # (e.g. a drafter's vocabulary-trimmed head). None = the model's own forward.
         self.head = head

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from verispec.kernels import native
+from verispec.kernels.int4 import WIDE_ROWS
+from verispec.rewrites.fuse import fused_group
 
 _NONE = torch.empty(0)
 NO_STEP_ENV = "VERISPEC_NO_STEP"
@@ -58,6 +60,8 @@ def _linear_args(lin: nn.Module, widths: list[int], T: list, I: list, F: list) -
 
 class Step:
     """The C++ forward of one decoder's layers (a plan registered once); `None` from `build` where it cannot run."""
+
+    max_rows = 1 << 62  # forwards of this many new rows or more keep the Python loop
 
     def __init__(self, mod, plan: int, layers: list[nn.Module], watched: list[nn.Module]):
         self.mod, self.plan, self.layers, self.watched = mod, plan, layers, watched
@@ -128,3 +132,34 @@ class Step:
             if not c.is_initialized:
                 c.dtype, c.device, c.is_initialized = x.dtype, x.device, True
         return out[0]
+
+
+def int4_step(dec):
+    """A `Step` for the layers of a fast-int4 drafter's `verispec.rewrites.lean.LeanDecoder`; None where a projection
+    is not on the q4 kernel, or the norms / activation are not Qwen2 / Llama's RMSNorm and SiLU."""
+    layers = dec.layers
+    eps = set()
+    for ly in layers:
+        for ln in (ly.input_layernorm, ly.post_attention_layernorm):
+            if type(ln).__name__ not in ("Qwen2RMSNorm", "LlamaRMSNorm"):
+                return None
+            eps.add(float(ln.variance_epsilon))
+        if type(ly.mlp.act_fn).__name__ != "SiLUActivation" and getattr(ly.mlp.act_fn, "__name__", "") != "silu":
+            return None
+    attn = layers[0].self_attn
+    if len(eps) != 1:
+        return None
+
+    def projections(layer):
+        a, m = layer.self_attn, layer.mlp
+        qkv, gu = fused_group(a, "q_proj"), fused_group(m, "gate_proj")
+        one = lambda lin: (lin, [lin.out_features])  # noqa: E731
+        return ([(qkv.linear, list(qkv.sizes))] if qkv is not None else [one(a.q_proj), one(a.k_proj), one(a.v_proj)],
+                [(gu.linear, list(gu.sizes))] if gu is not None else [one(m.gate_proj), one(m.up_proj)],
+                a.o_proj, m.down_proj)
+
+    n_kv = dec.model.config.num_key_value_heads
+    st = Step.build(layers, projections, eps.pop(), attn.head_dim, attn.scaling, n_kv)
+    if st is not None:
+        st.max_rows = WIDE_ROWS  # wider inputs take the int8 copies (faster there), on the Python loop
+    return st

@@ -15,7 +15,8 @@ that share it, so each key and value is read once):
 - `rmsnorm`: sum of squares in 16 interleaved partial sums, then a fixed pairwise tree; y = w·(x·(1/√(ms+ε))).
 - `silu_mul`: g / (1 + exp(−g)) · u with one exp polynomial (Cephes' expf) for every element.
 - `attention`: per (head, query row): the scores of the keys that row may see, in key order (masked keys are
-  skipped, not added as zeros), softmax with the same exp, and the weighted sum of values in key order. A node of a
+  skipped, not added as zeros; on AVX-512 with head width 64 or 128 each score is one fused multiply-add chain with
+  the query held in registers), softmax with the same exp, and the weighted sum of values in key order. A node of a
   token tree sees its ancestors in the same order as the same token's row in a chain, so its result is identical.
 Their torch fallbacks loop over rows (each row its own call on the keys it sees): invariant, slower, and not
 bit-identical to the C++ ones (different exp and summation order).
@@ -67,6 +68,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -623,12 +625,65 @@ static inline float tree16(__m512 acc) {
 }
 #endif
 
+#if defined(VS_AVX512)
+// Scores of one query row for the `rep` heads sharing a kv head, NV = Dh / 16 vectors per row: the q rows of up to
+// 16 / NV heads stay in registers while the visible keys stream past, each score one fused multiply-add chain over
+// the NV chunks in order, then tree16. A score's arithmetic depends on its q row and key only.
+template <int NV>
+static inline void scores_avx512(float* s, const std::function<const float*(int64_t)>& qrow, const float* kb,
+                                 const int64_t* idx, int64_t n, int64_t rep, int64_t N, float scale) {
+  constexpr int HG = 16 / NV;  // with the NV key / value vectors: 25 of the 32 zmm registers
+  for (int64_t h0 = 0; h0 < rep; h0 += HG) {
+    const int hn = (int)std::min<int64_t>(HG, rep - h0);
+    __m512 qv[HG][NV];
+    for (int hh = 0; hh < hn; ++hh)
+      for (int c = 0; c < NV; ++c) qv[hh][c] = _mm512_loadu_ps(qrow(h0 + hh) + 16 * c);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* kj = kb + idx[j] * (16 * NV);
+      __m512 kv[NV];
+      for (int c = 0; c < NV; ++c) kv[c] = _mm512_loadu_ps(kj + 16 * c);
+      for (int hh = 0; hh < hn; ++hh) {
+        __m512 acc = _mm512_mul_ps(qv[hh][0], kv[0]);
+        for (int c = 1; c < NV; ++c) acc = _mm512_fmadd_ps(qv[hh][c], kv[c], acc);
+        s[(h0 + hh) * N + j] = tree16(acc) * scale;
+      }
+    }
+  }
+}
+
+// o[h] = sum over the visible keys, in key order, of e[h, j] v_j: up to 16 / NV heads' sums held in registers, one
+// fused multiply-add per element and key.
+template <int NV>
+static inline void values_avx512(float* o, const float* s, const float* vb, const int64_t* idx, int64_t n,
+                                 int64_t rep, int64_t N) {
+  constexpr int HG = 16 / NV;  // with the NV key / value vectors: 25 of the 32 zmm registers
+  for (int64_t h0 = 0; h0 < rep; h0 += HG) {
+    const int hn = (int)std::min<int64_t>(HG, rep - h0);
+    __m512 acc[HG][NV];
+    for (int hh = 0; hh < hn; ++hh)
+      for (int c = 0; c < NV; ++c) acc[hh][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vj = vb + idx[j] * (16 * NV);
+      __m512 vv[NV];
+      for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(vj + 16 * c);
+      for (int hh = 0; hh < hn; ++hh) {
+        const __m512 e = _mm512_set1_ps(s[(h0 + hh) * N + j]);
+        for (int c = 0; c < NV; ++c) acc[hh][c] = _mm512_fmadd_ps(e, vv[c], acc[hh][c]);
+      }
+    }
+    for (int hh = 0; hh < hn; ++hh)
+      for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + (h0 + hh) * 16 * NV + 16 * c, acc[hh][c]);
+  }
+}
+#endif
+
 // q (B, Hq, M, Dh) contiguous; the keys / values of (batch b, kv head kh) start at Kp / Vp + (b * Hkv + kh) * ks, one
 // row of Dh per key; row i of batch b sees key j where Al[(b * M + i) * N + j], or (Al null: a causal chain after
 // `causal` cached keys) where j <= causal + i. O (B, M, Hq, Dh) is zero on entry (rows that see nothing stay zero).
 // One task per (batch, kv head, query row): the query heads that share a kv head read each key and value once.
-// Per (query head, row) the arithmetic is fixed: dot16 scores of the visible keys in key order, vs_exp, their sum in
-// key order, the values' weighted sum in key order. It does not depend on M, N beyond the visible keys, or the mask.
+// Per (query head, row) the arithmetic is fixed: the scores of the visible keys in key order (AVX-512 with Dh 64 or 128:
+// scores_avx512; else dot16), vs_exp, their sum in key order, the values' weighted sum in key order (values_avx512, or
+// a multiply and an add per element). It does not depend on M, N beyond the visible keys, or the mask.
 static void attention_rows(const float* Qp, const float* Kp, const float* Vp, const bool* Al, int64_t causal,
                            int64_t B, int64_t Hq, int64_t M, int64_t Dh, int64_t Hkv, int64_t N, int64_t ks,
                            float scale, float* O) {
@@ -650,28 +705,15 @@ static void attention_rows(const float* Qp, const float* Kp, const float* Vp, co
       }
       if (n == 0) continue;
       auto qrow = [&](int64_t hh) { return Qp + ((b * Hq + kh * rep + hh) * M + i) * Dh; };
-      for (int64_t h0 = 0; h0 < rep; h0 += 8) {  // scores, up to 8 heads per pass over the keys
-        const int64_t hn = std::min<int64_t>(8, rep - h0);
 #if defined(VS_AVX512)
-        if (Dh % 16 == 0) {
-          for (int64_t c = 0; c < n; ++c) {
-            const float* kj = kb + idx[c] * Dh;
-            __m512 acc[8];
-            for (int64_t hh = 0; hh < hn; ++hh) acc[hh] = _mm512_setzero_ps();
-            for (int64_t d = 0; d < Dh; d += 16) {
-              const __m512 kv = _mm512_loadu_ps(kj + d);
-              for (int64_t hh = 0; hh < hn; ++hh)
-                acc[hh] = _mm512_add_ps(acc[hh], _mm512_mul_ps(_mm512_loadu_ps(qrow(h0 + hh) + d), kv));
-            }
-            for (int64_t hh = 0; hh < hn; ++hh) s[(h0 + hh) * N + c] = tree16(acc[hh]) * scale;
-          }
-          continue;
-        }
+      if (Dh == 64 || Dh == 128) {  // q of a few heads held in registers; one fused multiply-add chain per score
+        if (Dh == 64) scores_avx512<4>(s.data(), qrow, kb, idx.data(), n, rep, N, scale);
+        else scores_avx512<8>(s.data(), qrow, kb, idx.data(), n, rep, N, scale);
+      } else
 #endif
-        for (int64_t c = 0; c < n; ++c)
-          for (int64_t hh = 0; hh < hn; ++hh)
-            s[(h0 + hh) * N + c] = dot16(qrow(h0 + hh), kb + idx[c] * Dh, Dh) * scale;
-      }
+      for (int64_t c = 0; c < n; ++c)
+        for (int64_t hh = 0; hh < rep; ++hh)
+          s[hh * N + c] = dot16(qrow(hh), kb + idx[c] * Dh, Dh) * scale;
       for (int64_t hh = 0; hh < rep; ++hh) {
         float* sh = s.data() + hh * N;
         float mx = -INFINITY;
@@ -684,6 +726,12 @@ static void attention_rows(const float* Qp, const float* Kp, const float* Vp, co
         for (; c < n; ++c) sh[c] = vs_exp(sh[c] - mx);
       }
       std::fill(o.begin(), o.end(), 0.f);
+#if defined(VS_AVX512)
+      if (Dh == 64 || Dh == 128) {
+        if (Dh == 64) values_avx512<4>(o.data(), s.data(), vb, idx.data(), n, rep, N);
+        else values_avx512<8>(o.data(), s.data(), vb, idx.data(), n, rep, N);
+      } else
+#endif
       for (int64_t c = 0; c < n; ++c) {  // values in key order; each value row read once for all heads
         const float* vj = vb + idx[c] * Dh;
         for (int64_t hh = 0; hh < rep; ++hh) {

@@ -13,6 +13,11 @@ decide how many drafts are accepted, never the output, so this path need not rep
 for bit (it does the same operations; `tests/test_lean.py` checks it agrees to fp32 tolerance). The target always
 runs transformers' own forward, so its output stays exactly that of plain decoding.
 
+On "fast-int4" with the q4 kernel, chains of fewer than `WIDE_ROWS` rows go further: the whole layer loop is one C++
+call (`verispec.backends.step`, set up by `CachedLM`), with verispec's per-row kernels instead of these torch operations
+(other roundings: a drafter's only effect is which drafts are accepted). 0.5B drafter T(1) on the 2-core Intel VM:
+21 ms on this Python loop, 15.5 ms on the C++ one.
+
 Scope: causal chains on a plain DynamicCache — token trees (custom masks) keep transformers' forward. A model it
 does not know (another `model_type`, sliding-window layers, a missing part) gets `lean_decoder(model) is None`, and
 its users fall back to transformers' forward.
@@ -51,19 +56,18 @@ class LeanDecoder:
                 else (lambda h, m=mlp: (m.gate_proj(h), m.up_proj(h))),
             ))
 
-        self._step = None  # verispec.backends.step.Step of self.layers, built on first use (False: cannot run)
+        # make_step(self) -> a C++ loop of these layers or None, set by the caller that knows the backends
+        # (`verispec.cache.CachedLM`: `verispec.backends.step.int4_step`); built on first use (False: cannot run)
+        self.make_step = None
+        self._step = None
 
     def step_for(self, cache, T: int):
-        """The C++ layer loop (`verispec.backends.step`) where every projection is on the q4 kernel and T rows stay
-        on it (wider inputs take the int8 copies, faster there), else None. Built once per layer list."""
-        from verispec.kernels.int4 import WIDE_ROWS
-
-        if T >= WIDE_ROWS:
-            return None
+        """The C++ layer loop for T new rows on `cache` where it can run (else None). Built once per layer list (a
+        layer-skip view, a shallow copy with fewer layers, builds its own)."""
         st = self._step
         if st is None or (st is not False and st.layers != self.layers):
-            st = self._step = _int4_step(self) or False
-        return st if st is not False and st.usable(self.layers, cache) else None
+            st = self._step = (self.make_step(self) if self.make_step is not None else None) or False
+        return st if st is not False and T < st.max_rows and st.usable(self.layers, cache) else None
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, cache, n_last: int = 1) -> torch.Tensor:
@@ -131,36 +135,6 @@ class LeanDecoder:
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)  # (1, N, H)
         rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
         return self.norm(x[0, rows])  # (sum n_out, H)
-
-
-def _int4_step(dec: LeanDecoder):
-    """A `verispec.backends.step.Step` for a fast-int4 drafter's layers (None where a projection is not on the q4
-    kernel, or the norms / activation are not Qwen2 / Llama's RMSNorm and SiLU)."""
-    from verispec.backends.step import Step
-
-    layers = dec.layers
-    eps = set()
-    for ly in layers:
-        for ln in (ly.input_layernorm, ly.post_attention_layernorm):
-            if type(ln).__name__ not in ("Qwen2RMSNorm", "LlamaRMSNorm"):
-                return None
-            eps.add(float(ln.variance_epsilon))
-        if type(ly.mlp.act_fn).__name__ != "SiLUActivation" and getattr(ly.mlp.act_fn, "__name__", "") != "silu":
-            return None
-    attn = layers[0].self_attn
-    if len(eps) != 1:
-        return None
-
-    def projections(layer):
-        a, m = layer.self_attn, layer.mlp
-        qkv, gu = fused_group(a, "q_proj"), fused_group(m, "gate_proj")
-        one = lambda lin: (lin, [lin.out_features])  # noqa: E731
-        return ([(qkv.linear, list(qkv.sizes))] if qkv is not None else [one(a.q_proj), one(a.k_proj), one(a.v_proj)],
-                [(gu.linear, list(gu.sizes))] if gu is not None else [one(m.gate_proj), one(m.up_proj)],
-                a.o_proj, m.down_proj)
-
-    n_kv = dec.model.config.num_key_value_heads
-    return Step.build(layers, projections, eps.pop(), attn.head_dim, attn.scaling, n_kv)
 
 
 def lean_decoder(model: nn.Module) -> LeanDecoder | None:
