@@ -130,9 +130,9 @@ def test_the_drafter_cost_curve_times_the_lean_forward(monkeypatch):
     model = apply_backend(tiny_qwen2(), "fast-int8")
     curve = measure.forward_cost_curve(model, ks=(1, 2), context=8, repeats=1, warmup=0, lean=True)
     assert set(curve) == {1, 2} and all(v > 0 for v in curve.values())
-    assert len(calls) == 2  # one lean forward per k
+    assert len(calls) == 3  # the prefill, then one lean forward per k
     measure.forward_cost_curve(model, ks=(1, 2), context=8, repeats=1, warmup=0)
-    assert len(calls) == 2  # the default times transformers' forward (what a target runs)
+    assert len(calls) == 3  # the default times transformers' forward (what a target on this backend runs)
 
 
 def test_fusion_can_be_switched_off():

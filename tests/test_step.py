@@ -147,3 +147,14 @@ def test_the_int4_drafter_step_is_its_kernels_computation():
         logits = model.lm_head(got)
         torch.testing.assert_close(logits, want, rtol=0, atol=0.05 * float(want.abs().max()))
     assert lean.step_for(c1, 16) is None  # wide inputs take the int8 copies, on the Python loop
+
+
+def test_the_cost_curve_times_the_targets_engine_forward(native_model, monkeypatch):
+    """The bench's T(k) of a gguf target is its NativeDecoder (the C++ loop), not transformers' forward."""
+    from verispec.bench import measure
+
+    calls = []
+    real = NativeDecoder.__call__
+    monkeypatch.setattr(NativeDecoder, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    curve = measure.forward_cost_curve(native_model, ks=(1, 2), context=8, repeats=1, warmup=0)
+    assert set(curve) == {1, 2} and len(calls) == 3  # the prefill, then one forward per k

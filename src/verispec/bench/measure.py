@@ -63,11 +63,13 @@ class CostTimer:
                  lean: bool = False):
         from transformers import DynamicCache
 
-        from verispec.rewrites.lean import lean_decoder
+        from verispec.cache import CachedLM
 
         self.m = _module(model)
-        # lean=True times the forward a drafter runs (verispec.rewrites.lean) where the model family is known.
-        self.lean = lean_decoder(self.m) if lean else None
+        # The forward the engine runs (CachedLM's): a gguf model's NativeDecoder (its C++ layer loop for chains), and
+        # with lean=True a drafter's lean forward (verispec.rewrites.lean, C++ on fast-int4) where the family is
+        # known; otherwise transformers' forward.
+        self.lean = CachedLM(self.m, lean=lean).lean
         self.ks = [int(k) for k in ks]
         if not self.ks or min(self.ks) < 1 or context < 1:
             raise ValueError("need ks >= 1 and context >= 1")
@@ -78,7 +80,10 @@ class CostTimer:
         ctx_ids = torch.randint(0, vocab, (1, context), generator=g).to(device)  # (1, context)
         self.new_ids = torch.randint(0, vocab, (1, max(self.ks)), generator=g).to(device)  # (1, max k)
         self.cache = DynamicCache(config=self.m.config)
-        self.m(input_ids=ctx_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # prefill
+        if self.lean is not None:  # prefill
+            self.lean(ctx_ids, self.cache, 1)
+        else:
+            self.m(input_ids=ctx_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.times: dict[int, list[float]] = {k: [] for k in self.ks}
         self.rounds = 0
 
@@ -115,8 +120,8 @@ def forward_cost_curve(model, ks: Sequence[int] = (1, 2, 4, 8, 16), context: int
     """Median wall time in ms of a forward of k new tokens on a warm `context`-token KV cache, for each k in ks.
 
     model: an HF causal LM (nn.Module) or a verispec LoadedModel, on whatever backend it is on now. Runs `warmup`
-    untimed rounds, then `repeats` timed rounds over all ks. Returns {k: median ms}. lean=True times a drafter's
-    forward (`verispec.rewrites.lean`) instead of transformers' where the model family is known.
+    untimed rounds, then `repeats` timed rounds over all ks. Returns {k: median ms}. It times the forward the engine
+    runs: a gguf model's NativeDecoder, and with lean=True a drafter's lean forward where the model family is known.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError("need repeats >= 1 and warmup >= 0")

@@ -145,8 +145,9 @@ def markdown(s: dict) -> str:
               f"T(1) = {t1:.0f} ms" + "".join(
                   f"; drafter T(1) = {v:.0f} ms" + (f" on `{b}`" if len(drafter_t1) > 1 else "") +
                   f" (c = {v / t1:.3f})" for b, v in drafter_t1.items()) + "." +
-              (" Drafter times are of the forward drafting runs (the lean one for Qwen2 / Llama drafters, "
-               "`verispec.rewrites.lean`)." if drafter_t1 else ""), "",
+              " Times are of the forward the engine runs (on `gguf` the NativeDecoder and its C++ layer loop;"
+              + (" drafters: the lean forward for Qwen2 / Llama, `verispec.rewrites.lean`, C++ on fast-int4)."
+                 if drafter_t1 else ")."), "",
               "Three predictions for this machine, each from the run's measured draft cost c (draft seconds per "
               "drafted position / T(1)) and T(k): **i.i.d.** = (1 − α^(γ+1)) / ((1 − α)(γc + T(γ+1)/T(1))) from "
               "one α̂ and the mean γ; **per-position** = Σ E(d_r) / Σ (d_r·c + T(n_r+1)/T(1)) over the rounds, "
