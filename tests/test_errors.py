@@ -20,6 +20,20 @@ def test_mismatched_tokenizers_are_refused(pair):
         check_compatible(target, other)
 
 
+def test_a_pair_checked_once_is_checked_again_when_a_tokenizer_grows(pair):
+    """generate() checks its pair on every call; a pair found compatible is remembered, but not past a change."""
+    target, drafter = pair
+    check_compatible(target, drafter)
+    check_compatible(target, drafter)  # remembered
+    words = ["<unk>"] + [f"w{i}" for i in range(63)]
+    tok = word_tokenizer(words)
+    a, b = LoadedModel(target.model, tok, "a"), LoadedModel(drafter.model, word_tokenizer(words), "b")
+    check_compatible(a, b)
+    tok.add_tokens(["brand-new"])
+    with pytest.raises(TokenizerMismatchError, match="1 tokens only in the target"):
+        check_compatible(a, b)
+
+
 def test_mismatched_vocab_sizes_without_tokenizers_are_refused():
     with pytest.raises(TokenizerMismatchError, match="output tokens"):
         verispec.generate(tiny_llama(64), [1, 2], drafter=tiny_llama(48))
