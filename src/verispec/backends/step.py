@@ -28,8 +28,9 @@ import os
 import torch
 from torch import nn
 
+from verispec.backends.native import NativeLinear
 from verispec.kernels import native
-from verispec.kernels.int4 import WIDE_ROWS
+from verispec.kernels.int4 import WIDE_ROWS, Int4Linear
 from verispec.rewrites.fuse import fused_group
 
 _NONE = torch.empty(0)
@@ -38,9 +39,6 @@ NO_STEP_ENV = "VERISPEC_NO_STEP"
 
 def _linear_args(lin: nn.Module, widths: list[int], T: list, I: list, F: list) -> bool:
     """Append one projection's entry for plan_new; False where the step cannot run it."""
-    from verispec.backends.native import NativeLinear
-    from verispec.kernels.int4 import Int4Linear
-
     if isinstance(lin, NativeLinear):
         SB, GS, bits, mn_scale = lin._fmt
         b = lin._buffers
@@ -122,10 +120,8 @@ class Step:
         cl = cache.layers[:len(self.layers)]
         kv = []
         for c in cl:
-            if P > 0:
-                kv += [c.keys, c.values, getattr(c, "_vs_kbuf", _NONE), getattr(c, "_vs_vbuf", _NONE)]
-            else:
-                kv += [_NONE, _NONE, getattr(c, "_vs_kbuf", _NONE), getattr(c, "_vs_vbuf", _NONE)]
+            kv += ([c.keys, c.values] if P > 0 else [_NONE, _NONE])
+            kv += [getattr(c, "_vs_kbuf", _NONE), getattr(c, "_vs_vbuf", _NONE)]
         out = self.mod.step(self.plan, x, cos, sin, P, kv)
         for i, c in enumerate(cl):
             c._vs_kbuf, c._vs_vbuf, c.keys, c.values = out[1 + 4 * i:5 + 4 * i]
