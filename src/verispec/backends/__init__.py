@@ -21,8 +21,8 @@ T(k) measurement in `verispec.bench.measure`; this module only chooses and appli
 - "auto":       for a registry model loaded by name: "gguf" where its C++ kernels build here (else "fast"); for other
                 CPU models "fast" where oneDNN is available, else "torch".
 - "fast-bf16", "fast-int8", "fast-int4": reduced-precision weights (bf16; int8 weights and per-call int8
-                activations; 4-bit groups with an int8 copy for inputs of >= 4 rows). **Drafters only**: a drafter
-                changes speed and acceptance, never the output. They are refused as targets, because the proof of
+                activations; 4-bit groups with an int8 copy for inputs of >= WIDE_ROWS rows). **Drafters only**: a
+                drafter changes speed and acceptance, never the output. They are refused as targets, because the proof of
                 losslessness needs the target's distribution at a position to depend on the prefix only, and theirs
                 depends on what else is in the forward (int8: one activation scale per call over all rows; int4:
                 which copy the row count selects; bf16: products rounded and summed in a row-count dependent
@@ -55,7 +55,7 @@ from torch import nn
 
 from verispec.backends.memory import release_file_mappings, tied_output_weight, unwrap, weight_count
 from verispec.kernels.cpu import native_bf16
-from verispec.kernels.int4 import Int4Linear, int4_available
+from verispec.kernels.int4 import WIDE_ROWS, Int4Linear, int4_available
 from verispec.kernels.int8 import int8_available, is_int8_linear, quantize_int8
 from verispec.kernels.onednn import FORCE_FALLBACK_ENV, FastLinear, fallback_forced, onednn_available
 from verispec.kernels.q4kernel import q4_kernel
@@ -154,7 +154,7 @@ def _describe_int4(module: nn.Module) -> str:
     parts = [f"{q4} on verispec's q4 AVX-512 VNNI kernel" if q4 else "",
              f"{len(layers) - q4} on PyTorch's int4 kernel" if len(layers) > q4 else "",
              f"{fp32} fp32 oneDNN" if fp32 else ""]
-    wide = " (inputs of >= 4 rows: an int8 copy)" if any(m.wide is not None for m in layers) else ""
+    wide = f" (inputs of >= {WIDE_ROWS} rows: an int8 copy)" if any(m.wide is not None for m in layers) else ""
     return "int4 groups of 32: " + ", ".join(p for p in parts if p) + wide
 
 
@@ -187,7 +187,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in [
     Backend("gguf", "the GGUF file's own blocks, integer kernels, batch-invariant by construction",
             convert=_convert_native, detect=_native.is_native, kernel=_native.describe),
     Backend("fast-int4", "4-bit group weights (drafters)", lossy=True, target=False,
-            not_target_because=_LOSSY_TARGET.format("inputs of >= 4 rows take a separate int8 copy"),
+            not_target_because=_LOSSY_TARGET.format(f"inputs of >= {WIDE_ROWS} rows take a separate int8 copy"),
             convert=_convert_int4, detect=lambda m: any(isinstance(x, Int4Linear) for x in m.modules()),
             available=lambda o: _not_forced(o) and int4_available(), fallback="fast-int8", kernel=_describe_int4),
     Backend("fast-int8", "int8 weights, per-call int8 activations (drafters)", lossy=True, target=False,
