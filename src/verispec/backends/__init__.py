@@ -22,8 +22,8 @@ T(k) measurement in `verispec.bench.measure`; this module only chooses and appli
                 CPU models "fast" where oneDNN is available, else "torch".
 - "fast-bf16", "fast-int8", "fast-int4": reduced-precision weights (bf16; int8 weights and per-call int8
                 activations; 4-bit groups with an int8 copy for inputs of >= WIDE_ROWS rows). **Drafters only**: a
-                drafter changes speed and acceptance, never the output. They are refused as targets, because the proof of
-                losslessness needs the target's distribution at a position to depend on the prefix only, and theirs
+                drafter changes speed and acceptance, never the output. They are refused as targets, because the proof
+                of losslessness needs the target's distribution at a position to depend on the prefix only, and theirs
                 depends on what else is in the forward (int8: one activation scale per call over all rows; int4:
                 which copy the row count selects; bf16: products rounded and summed in a row-count dependent
                 order). On the 1.5B a logit moved by up to 0.13 (bf16), 4.3 (int8) and 4.9 (int4) between a 1-row
