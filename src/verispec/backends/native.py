@@ -27,6 +27,7 @@ from torch import nn
 
 from verispec.kernels import native
 from verispec.kernels.ggml_blocks import TYPES, IntWeights, decode, pack, quantize
+from verispec.rewrites.lean import LeanDecoder
 
 ATTN_IMPL = "verispec_native"
 
@@ -410,15 +411,11 @@ class NativeDecoder:
     def __init__(self, model: nn.Module):
         body = model.get_decoder()
         self.embed, self.layers, self.norm, self.rotary = body.embed_tokens, list(body.layers), body.norm, body.rotary_emb
-        self._step = None  # verispec.backends.step.Step of self.layers, built on first use (False: cannot run)
+        # the C++ layer loop of self.layers (verispec.backends.step), built on first use by step_for
+        self.make_step = lambda dec: native_step(dec.layers)
+        self._step = None
 
-    def step_for(self, cache):
-        """The C++ layer loop for these layers where it can run on `cache` (else None): built once per layer list
-        (a layer-skip view, a shallow copy with fewer layers, builds its own)."""
-        st = self._step
-        if st is None or (st is not False and st.layers != self.layers):
-            st = self._step = native_step(self.layers) or False
-        return st if st is not False and st.usable(self.layers, cache) else None
+    step_for = LeanDecoder.step_for  # the same slot: built once per layer list, checked on every forward
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, cache, n_last: int = 1) -> torch.Tensor:

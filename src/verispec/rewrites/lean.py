@@ -61,9 +61,10 @@ class LeanDecoder:
         self.make_step = None
         self._step = None
 
-    def step_for(self, cache, T: int):
+    def step_for(self, cache, T: int = 1):
         """The C++ layer loop for T new rows on `cache` where it can run (else None). Built once per layer list (a
-        layer-skip view, a shallow copy with fewer layers, builds its own)."""
+        layer-skip view, a shallow copy with fewer layers, builds its own). The gguf backend's NativeDecoder shares
+        this method."""
         st = self._step
         if st is None or (st is not False and st.layers != self.layers):
             st = self._step = (self.make_step(self) if self.make_step is not None else None) or False
