@@ -53,6 +53,40 @@ def test_the_target_step_gives_the_python_loops_bits(native_model):
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
 
 
+def _ragged(model, c_step: bool) -> tuple[list, list]:
+    """Chains of several lengths, a token tree with a side node, a prefill and a one-token step in one ragged forward
+    on warm caches, then a second ragged round on the settled caches; every output and KV entry."""
+    from verispec.cache import run_batch
+
+    prompts = [[(i * 7 + j) % 60 + 1 for j in range(2 + 3 * i)] for i in range(6)]
+    calls = [("forward", prompts[3], 1), ("score", prompts[1], Draft([5, 6, 7])),
+             ("score", prompts[4], Draft([8, 9, 10, 11], parents=[-1, 0, -1, 2], side_tokens=[12], side_parents=[0])),
+             ("prefill", prompts[5]), ("forward", prompts[2], 3)]
+    lms = [CachedLM(model) for _ in calls]
+    for lm, (_, ids, *_) in zip(lms, calls):
+        lm.lean._step = None if c_step else False
+        lm.prefill(ids[: len(ids) // 2])
+    segs = [lm.plan(ids, arg if kind == "score" else None, arg if kind == "forward" else 1, prefill=kind == "prefill")
+            for lm, (kind, ids, *rest) in zip(lms, calls) for arg in [rest[0] if rest else None]]
+    out = run_batch(segs)
+    nxt = [ids + [4, 2] for _, ids, *_ in calls]  # a rejection for the tree (crop / index_select), chains for the rest
+    out += run_batch([lm.plan(ids, n_logits=2) for lm, ids in zip(lms, nxt)])
+    kv = [torch.cat([ly.keys, ly.values]) for lm in lms for ly in lm.cache.layers]
+    # only the C++ loop keeps the KV rows in its own buffers: proof of which path ran
+    assert all(hasattr(ly, "_vs_kbuf") == c_step for lm in lms for ly in lm.cache.layers)
+    return out, kv
+
+
+@needs_kernels
+def test_a_ragged_batch_through_the_step_gives_the_python_loops_bits(native_model):
+    """Several sequences (chains, a tree, a prefill) in one C++ call: every row's logits and every KV entry equal
+    NativeDecoder's Python ragged loop bit for bit."""
+    got, kv_got = _ragged(native_model, c_step=True)
+    want, kv_want = _ragged(native_model, c_step=False)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(kv_got, kv_want))
+
+
 @needs_kernels
 def test_kv_rows_are_written_in_place_while_the_buffer_has_room(native_model):
     dec = NativeDecoder(native_model)

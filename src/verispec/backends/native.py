@@ -416,6 +416,7 @@ class NativeDecoder:
         self._step = None
 
     step_for = LeanDecoder.step_for  # the same slot: built once per layer list, checked on every forward
+    step_ragged = LeanDecoder.step_ragged  # a ragged batch (chains and trees) through that loop
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, cache, n_last: int = 1) -> torch.Tensor:
@@ -451,6 +452,10 @@ class NativeDecoder:
         N = at
         x = self.embed(torch.tensor([t for s in segs for t in s.new], dtype=torch.long))  # (N, H)
         cos, sin = self.rotary(x, torch.tensor([[p for s in segs for p in s.positions]]))  # (1, N, hd) each
+        rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
+        y = self.step_ragged(segs, x, cos[0], sin[0])  # (N, H): the loop below in one C++ call, the same bits
+        if y is not None:
+            return self.norm(y)[rows]  # (sum n_out, H)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -461,5 +466,4 @@ class NativeDecoder:
                 o.append(native.attention(q[:, :, a:b], ks, vs, allowed, attn.scaling))  # (1, T, nh, hd)
             x = x + attn.o_proj(torch.cat(o, 1).reshape(N, -1))  # (N, H)
             x = x + _mlp(layer, layer.post_attention_layernorm(x))
-        rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
         return self.norm(x)[rows]  # (sum n_out, H): every row normed (per row: the same bits) for feature taps

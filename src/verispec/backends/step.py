@@ -117,16 +117,29 @@ class Step:
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, P: int) -> torch.Tensor:
         """x (T, H) after P cached rows, cos / sin (T, hd): the last layer's output (T, H); the cache is extended."""
-        cl = cache.layers[:len(self.layers)]
-        kv = []
-        for c in cl:
-            kv += ([c.keys, c.values] if P > 0 else [_NONE, _NONE])
-            kv += [getattr(c, "_vs_kbuf", _NONE), getattr(c, "_vs_vbuf", _NONE)]
-        out = self.mod.step(self.plan, x, cos, sin, P, kv)
-        for i, c in enumerate(cl):
-            c._vs_kbuf, c._vs_vbuf, c.keys, c.values = out[1 + 4 * i:5 + 4 * i]
-            if not c.is_initialized:
-                c.dtype, c.device, c.is_initialized = x.dtype, x.device, True
+        return self.run(x, cos, sin, [(cache, P, x.shape[0], None)])
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segs) -> torch.Tensor:
+        """A ragged batch: segs = [(cache, P, T, mask (T, P + T) bool or None for a causal chain)], whose T rows are
+        stacked in x (N, H) and cos / sin (N, hd) in that order. Returns the last layer's output (N, H); each cache
+        is extended by its own rows."""
+        n = len(self.layers)
+        kv, Ps, Ts, masks = [], [], [], []
+        for cache, P, T, mask in segs:
+            for c in cache.layers[:n]:
+                kv += ([c.keys, c.values] if P > 0 else [_NONE, _NONE])
+                kv += [getattr(c, "_vs_kbuf", _NONE), getattr(c, "_vs_vbuf", _NONE)]
+            Ps.append(P)
+            Ts.append(T)
+            masks.append(_NONE if mask is None else mask.contiguous())
+        out = self.mod.step(self.plan, x, cos, sin, Ps, Ts, masks, kv)
+        at = 1
+        for cache, *_ in segs:
+            for c in cache.layers[:n]:
+                c._vs_kbuf, c._vs_vbuf, c.keys, c.values = out[at:at + 4]
+                at += 4
+                if not c.is_initialized:
+                    c.dtype, c.device, c.is_initialized = x.dtype, x.device, True
         return out[0]
 
 

@@ -793,9 +793,9 @@ _Q4_BODY = "\n".join(line for line in Q4_SOURCE.splitlines() if not line.startsw
 SOURCE += "\n#if defined(VS_AVX512)\nnamespace vq4 {\n" + _Q4_BODY + "\n}  // namespace vq4\n#endif\n"
 
 SOURCE += r"""
-// ---- A causal chain's decoder forward in one call (verispec.backends.step) ----
+// ---- A decoder forward in one call (verispec.backends.step): a causal chain, a token tree, or a ragged batch ----
 // The layers' weights are registered once as a plan (plan_new); step runs every layer for T new rows after P cached
-// ones: rmsnorm, the q/k/v projections, heads with rotary, the new keys / values written into each layer's KV buffer
+// ones (per segment of a ragged batch): rmsnorm, the q/k/v projections, heads with rotary, the new keys / values written into each layer's KV buffer
 // (grown with spare capacity, so a token does not copy the whole cache), attention over the P + T visible keys, o,
 // the residual, rmsnorm, gate / up, silu_mul, down, the residual. The same kernel calls on the same values as
 // NativeDecoder's Python loop, so the same bits; only the per-operation Python and torch dispatch is gone.
@@ -874,21 +874,36 @@ void plan_free(int64_t id) {
   if (id >= 0 && id < (int64_t)vstep::plans.size()) vstep::plans[id].reset();
 }
 
-// x (T, H) the new rows' embeddings, cos / sin (T, hd) their rotary tables, P the cached rows, and per layer i
-// kv[4i..4i+3] = its cached keys and values (1, nkv, P, hd) (empty when P = 0) and the buffers they may be views of
-// (empty when none). Returns [x after the last layer (T, H), then per layer: key buffer, value buffer, keys, values
-// (views of the buffers, (1, nkv, P + T, hd))]. Keys are written into a buffer only where the cached keys are its
-// leading rows and it has room; otherwise a larger buffer is made and the cached rows copied once.
-std::vector<torch::Tensor> step(int64_t id, torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t P,
+// Several sequences' new rows in one call (a ragged batch; one segment is a solo forward). x (N, H) the new rows'
+// embeddings stacked by segment, cos / sin (N, hd) their rotary tables; segment s has Ts[s] rows after Ps[s] cached
+// ones and sees its own cache only: masks[s] (Ts[s], Ps[s] + Ts[s]) bool for a token tree, or empty for a causal chain;
+// per segment s and layer i, kv[4(s·L + i) ..] = its cached keys and values (1, nkv, P, hd) (empty when P = 0) and the
+// buffers they may be views of (empty when none). The linear layers, norms and MLP run once over all N rows (per-row
+// kernels: a row's bits do not depend on the other rows), heads and attention per segment. Returns [x after the last
+// layer (N, H), then per segment and layer: key buffer, value buffer, keys, values (views of the buffers,
+// (1, nkv, P + T, hd))]. Keys are written into a buffer only where the cached keys are its leading rows and it has
+// room; otherwise a larger buffer is made and the cached rows copied once.
+std::vector<torch::Tensor> step(int64_t id, torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                                std::vector<int64_t> Ps, std::vector<int64_t> Ts, std::vector<torch::Tensor> masks,
                                 std::vector<torch::Tensor> kv) {
   TORCH_CHECK(id >= 0 && id < (int64_t)vstep::plans.size() && vstep::plans[id], "step: no such plan");
   const vstep::Plan& p = *vstep::plans[id];
-  const int64_t L = p.layers.size(), T = x.size(0), nkv = p.nkv, hd = p.hd;
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat, "step: x (T, H) fp32");
-  TORCH_CHECK((int64_t)kv.size() == 4 * L, "step: 4 cache tensors per layer");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T && cos.size(1) == hd, "step: cos, sin");
-  std::vector<torch::Tensor> out(1 + 4 * L);
-  auto room = [&](const torch::Tensor& view, const torch::Tensor& buf) {  // the buffer to write rows P.. into
+  const int64_t L = p.layers.size(), N = x.size(0), nkv = p.nkv, hd = p.hd, S = Ps.size();
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat, "step: x (N, H) fp32");
+  TORCH_CHECK(S > 0 && (int64_t)Ts.size() == S && (int64_t)masks.size() == S, "step: one P, T and mask per segment");
+  TORCH_CHECK((int64_t)kv.size() == 4 * L * S, "step: 4 cache tensors per layer and segment");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == N && cos.size(1) == hd, "step: cos, sin");
+  std::vector<int64_t> A(S + 1, 0);  // segment s owns rows A[s] .. A[s + 1]
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(Ts[s] > 0 && Ps[s] >= 0, "step: segment sizes");
+    A[s + 1] = A[s] + Ts[s];
+    if (masks[s].numel() > 0)
+      TORCH_CHECK(masks[s].scalar_type() == torch::kBool && masks[s].is_contiguous() && masks[s].dim() == 2 &&
+                  masks[s].size(0) == Ts[s] && masks[s].size(1) == Ps[s] + Ts[s], "step: a mask (T, P + T) bool");
+  }
+  TORCH_CHECK(A[S] == N, "step: the segments' rows add up to x's");
+  std::vector<torch::Tensor> out(1 + 4 * L * S);
+  auto room = [&](const torch::Tensor& view, const torch::Tensor& buf, int64_t P, int64_t T) {  // where rows P.. go
     if (P > 0)
       TORCH_CHECK(view.dim() == 4 && view.size(0) == 1 && view.size(1) == nkv && view.size(2) == P &&
                   view.size(3) == hd && view.scalar_type() == torch::kFloat, "step: cached keys / values shape");
@@ -907,24 +922,29 @@ std::vector<torch::Tensor> step(int64_t id, torch::Tensor x, torch::Tensor cos, 
     std::vector<torch::Tensor> qkv;
     for (const auto& l : ly.qkv) vstep::parts(l, h, qkv);
     TORCH_CHECK(qkv.size() == 3, "step: q, k, v");
-    torch::Tensor q = heads(qkv[0], cos, sin, qkv[0].size(1) / hd, true);  // (nh, T, hd)
-    torch::Tensor k = heads(qkv[1], cos, sin, nkv, true);  // (nkv, T, hd)
-    torch::Tensor v = heads(qkv[2], cos, sin, nkv, false);
-    torch::Tensor kb = room(kv[4 * i], kv[4 * i + 2]), vb = room(kv[4 * i + 1], kv[4 * i + 3]);
-    kb.select(0, 0).narrow(1, P, T).copy_(k);
-    vb.select(0, 0).narrow(1, P, T).copy_(v);
-    const int64_t nh = q.size(0);
-    torch::Tensor o = torch::zeros({1, T, nh, hd}, x.options());
-    attention_rows(q.data_ptr<float>(), kb.data_ptr<float>(), vb.data_ptr<float>(), nullptr, P, 1, nh, T, hd, nkv,
-                   P + T, kb.size(2) * hd, (float)p.scaling, o.data_ptr<float>());
-    x = at::add(x, vstep::run(ly.o, o.view({T, nh * hd})));
+    const int64_t nh = qkv[0].size(1) / hd;
+    torch::Tensor o = torch::zeros({N, nh, hd}, x.options());
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t a = A[s], T = Ts[s], P = Ps[s], j = 4 * (s * L + i);
+      torch::Tensor cs = cos.narrow(0, a, T), sn = sin.narrow(0, a, T);
+      torch::Tensor q = heads(qkv[0].narrow(0, a, T), cs, sn, nh, true);  // (nh, T, hd)
+      torch::Tensor k = heads(qkv[1].narrow(0, a, T), cs, sn, nkv, true);  // (nkv, T, hd)
+      torch::Tensor v = heads(qkv[2].narrow(0, a, T), cs, sn, nkv, false);
+      torch::Tensor kb = room(kv[j], kv[j + 2], P, T), vb = room(kv[j + 1], kv[j + 3], P, T);
+      kb.select(0, 0).narrow(1, P, T).copy_(k);
+      vb.select(0, 0).narrow(1, P, T).copy_(v);
+      attention_rows(q.data_ptr<float>(), kb.data_ptr<float>(), vb.data_ptr<float>(),
+                     masks[s].numel() > 0 ? masks[s].data_ptr<bool>() : nullptr, P, 1, nh, T, hd, nkv, P + T,
+                     kb.size(2) * hd, (float)p.scaling, o.data_ptr<float>() + a * nh * hd);
+      out[1 + j] = kb; out[2 + j] = vb;
+      out[3 + j] = kb.narrow(2, 0, P + T); out[4 + j] = vb.narrow(2, 0, P + T);
+    }
+    x = at::add(x, vstep::run(ly.o, o.view({N, nh * hd})));
     h = rmsnorm(x, ly.ln2, p.eps);
     std::vector<torch::Tensor> gu;
     for (const auto& l : ly.gu) vstep::parts(l, h, gu);
     TORCH_CHECK(gu.size() == 2, "step: gate, up");
     x = at::add(x, vstep::run(ly.down, silu_mul(gu[0].contiguous(), gu[1].contiguous())));
-    out[1 + 4 * i] = kb; out[2 + 4 * i] = vb;
-    out[3 + 4 * i] = kb.narrow(2, 0, P + T); out[4 + 4 * i] = vb.narrow(2, 0, P + T);
   }
   out[0] = x;
   return out;

@@ -70,6 +70,20 @@ class LeanDecoder:
             st = self._step = (self.make_step(self) if self.make_step is not None else None) or False
         return st if st is not False and T < st.max_rows and st.usable(self.layers, cache) else None
 
+    def step_ragged(self, segs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """`ragged`'s layers in one C++ call where the loop can run every segment's cache (else None): x (N, H),
+        cos / sin (N, hd) of all segments' rows stacked. Returns the last layer's output (N, H)."""
+        st = self.step_for(segs[0].lm.cache, x.shape[0])
+        if st is None:
+            return None
+        parts = []
+        for s in segs:
+            c, P = s.lm.cache, len(s.lm.ids)
+            if c.get_seq_length() != P or (s is not segs[0] and not st.usable(self.layers, c)):
+                return None
+            parts.append((c, P, len(s.new), s.allowed))
+        return st.run(x.float().contiguous(), cos.float().contiguous(), sin.float().contiguous(), parts)
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, cache, n_last: int = 1) -> torch.Tensor:
         """Feed input_ids (1, T) after the cache's tokens (the cache is extended); return the final-norm hidden
@@ -117,6 +131,10 @@ class LeanDecoder:
         N = at
         x = self.embed(torch.tensor([[t for s in segs for t in s.new]], dtype=torch.long))  # (1, N, H)
         cos, sin = self.rotary(x, torch.tensor([[p for s in segs for p in s.positions]]))  # (1, N, hd) each
+        rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
+        y = self.step_ragged(segs, x[0], cos[0], sin[0])  # (N, H) or None
+        if y is not None:
+            return self.norm(y[rows])  # (sum n_out, H)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, N, hd)
         for i, (ln1, ln2, attn, mlp, qkv, gate_up) in enumerate(self.blocks):
             hd = attn.head_dim
@@ -134,7 +152,6 @@ class LeanDecoder:
             x = x + attn.o_proj(torch.cat(o, 2).transpose(1, 2).reshape(1, N, -1))  # (1, N, H)
             gate, up = gate_up(ln2(x))  # (1, N, I) each
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)  # (1, N, H)
-        rows = [j for s, (a, b, _) in zip(segs, spans) for j in range(b - s.n_out, b)]
         return self.norm(x[0, rows])  # (sum n_out, H)
 
 
