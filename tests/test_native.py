@@ -56,15 +56,21 @@ def test_the_path_in_use_equals_the_torch_path_bit_for_bit(name):
         assert torch.equal(_mm(x, p, t, 37, bias), native.qmm_torch(x, p, 37, t.SB, t.GS, t.bits, t.mn_scale, bias))
 
 
-def test_amx_tiles_give_the_vpdpbusd_bits():
-    """On AMX machines Q4_K runs on tiles from some row count on: the same bits as the vpdpbusd code and the torch
-    path, for one and several 16-row passes and several superblocks (the tile pipeline's first, middle and last)."""
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_amx_tiles_give_the_vpdpbusd_bits(name):
+    """On AMX machines Q4_K and Q6_K run on tiles from some row count on: the same bits as the vpdpbusd code and the
+    torch path, for one and several 16-row passes and several superblocks (the tile pipeline's first, middle and
+    last). Q6_K's scales are spread over all of -128..127 (every base-8 digit the tile code splits them into)."""
     mod = native.kernels()[1]
     if native.native_path() != "avx512_amx":
         pytest.skip(f"the {native.native_path()} path runs here, not avx512_amx")
     K, N = 6 * 256, 53
-    w = decode("Q4_K", quantize(torch.randn(N, K, generator=torch.Generator().manual_seed(3)), "Q4_K"), K)
-    p, t = pack(w), TYPES["Q4_K"]
+    w = decode(name, quantize(torch.randn(N, K, generator=torch.Generator().manual_seed(3)), name), K)
+    p, t = pack(w), TYPES[name]
+    if name == "Q6_K":
+        assert p["mn"] is p["sc"]  # the tile code's condition: its offsets are its scales
+        sc = torch.arange(-128, 128, dtype=torch.int8).repeat(p["sc"].numel() // 256 + 1)[: p["sc"].numel()]
+        p["sc"].copy_(sc[torch.randperm(sc.numel(), generator=torch.Generator().manual_seed(1))].view_as(p["sc"]))
     bias = torch.randn(N)
     before = mod.amx_rows(-1)
     try:

@@ -131,28 +131,57 @@ static inline float h2f(uint16_t h) {  // IEEE half -> float, exact
 }
 
 // Per row r and superblock s of SB inputs: xq = round(x / dx) in int8, dx = max|x| / 127; xs = sum of xq per group.
+// Rows in parallel; on AVX-512 16 inputs per instruction: the max is exact in any order, v * (127 / amax) the same
+// fp32 product, rounded to nearest even as nearbyint does, the integer sums exact: the scalar code's bytes.
 static void quantize_acts(const float* x, int64_t M, int64_t K, int64_t SB, int64_t GS,
                           int8_t* xq, float* dx, int32_t* xs) {
   const int64_t NS = K / SB, G = K / GS;
-  for (int64_t r = 0; r < M; ++r) {
-    for (int64_t s = 0; s < NS; ++s) {
-      const float* v = x + r * K + s * SB;
-      float amax = 0.f;
-      for (int64_t j = 0; j < SB; ++j) amax = std::max(amax, std::fabs(v[j]));
-      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* o = xq + r * K + s * SB;
-      for (int64_t j = 0; j < SB; ++j) {
-        float t = std::nearbyint(v[j] * id);
-        o[j] = (int8_t)std::min(127.f, std::max(-127.f, t));
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / K), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t s = 0; s < NS; ++s) {
+        const float* v = x + r * K + s * SB;
+        int8_t* o = xq + r * K + s * SB;
+#if defined(VS_AVX512)
+        if (SB % 16 == 0) {
+          __m512 m = _mm512_setzero_ps();
+          for (int64_t j = 0; j < SB; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(v + j)));
+          const float amax = _mm512_reduce_max_ps(m);
+          const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+          const __m512 idv = _mm512_set1_ps(id), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+          for (int64_t j = 0; j < SB; j += 16) {
+            __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(v + j), idv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            t = _mm512_max_ps(lo, _mm512_min_ps(hi, t));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+          }
+          dx[r * NS + s] = d;
+          continue;
+        }
+#endif
+        float amax = 0.f;
+        for (int64_t j = 0; j < SB; ++j) amax = std::max(amax, std::fabs(v[j]));
+        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        for (int64_t j = 0; j < SB; ++j) {
+          float t = std::nearbyint(v[j] * id);
+          o[j] = (int8_t)std::min(127.f, std::max(-127.f, t));
+        }
+        dx[r * NS + s] = d;
       }
-      dx[r * NS + s] = d;
+      for (int64_t g = 0; g < G; ++g) {
+        const int8_t* q = xq + r * K + g * GS;
+        int64_t j = 0;
+        int32_t t = 0;
+#if defined(VS_AVX512)
+        __m512i acc = _mm512_setzero_si512();
+        for (; j + 16 <= GS; j += 16)
+          acc = _mm512_add_epi32(acc, _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j))));
+        t = _mm512_reduce_add_epi32(acc);
+#endif
+        for (; j < GS; ++j) t += q[j];
+        xs[r * G + g] = t;
+      }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      int32_t t = 0;
-      for (int64_t j = 0; j < GS; ++j) t += xq[r * K + g * GS + j];
-      xs[r * G + g] = t;
-    }
-  }
+  });
 }
 
 #if defined(VS_AVX512)
@@ -178,7 +207,8 @@ static inline void full_pass(__m512i* A, const __m512i* qv, __m512i scv, const i
 // their fp32 steps are one code.
 static inline void superblock_fp32(__m512* acc, const __m512i* A, int64_t R, int64_t b, int64_t S, int64_t r0,
                                    int64_t NS, int64_t G, int64_t GPS, const int8_t* MN, const uint16_t* DD,
-                                   const uint16_t* DM, float mn_scale, const int32_t* xs, const float* dx) {
+                                   const uint16_t* DM, float mn_scale, const int32_t* xs, const float* dx,
+                                   int addB = -1) {
   // lane i of group g next to lane i of group g + 1, as int16 pairs (for vpmaddwd with (X_g, X_g+1))
   const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -205,7 +235,9 @@ static inline void superblock_fp32(__m512* acc, const __m512i* A, int64_t R, int
             reinterpret_cast<const __m128i*>(MN + (b * G + g0 + k) * 16))), _mm512_set1_epi32(X[k])));
     }
     const __m512 dxv = _mm512_set1_ps(dx[(r0 + r) * NS + S]);
-    const __m512 t2 = _mm512_mul_ps(_mm512_mul_ps(Dv, dxv), _mm512_cvtepi32_ps(A[r]));
+    // addB >= 0 (AMX Q6_K, whose tiles sum the centred codes q - 32 = A - 32 B): the same integer A, exactly
+    const __m512i Ar = addB >= 0 ? _mm512_add_epi32(A[r], _mm512_slli_epi32(Bv, addB)) : A[r];
+    const __m512 t2 = _mm512_mul_ps(_mm512_mul_ps(Dv, dxv), _mm512_cvtepi32_ps(Ar));
     const __m512 t4 = _mm512_mul_ps(_mm512_mul_ps(Dms, dxv), _mm512_cvtepi32_ps(Bv));
     acc[r] = _mm512_add_ps(acc[r], _mm512_sub_ps(t2, t4));
   }
@@ -241,6 +273,8 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
 #if defined(VS_AMX)
   // AMX for Q4_K only: other types' scales do not split into byte-sized products (their groups stay on vpdpbusd)
   const bool use_amx = bits == 4 && GS == 32 && GPS % 2 == 0 && GPS <= 16 && M >= g_amx_min_rows && amx_permit();
+  // Q6_K (its offsets are its scales: mn is sc, so the mins term B = sum_g sc_g xs_g) on signed tiles, see below
+  const bool use_amx6 = bits == 6 && GS == 16 && GPS == 16 && MN == SC && M >= g_amx_min_rows && amx_permit();
 #endif
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
 #if defined(VS_AVX512)
@@ -321,6 +355,105 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
               A[r] = _mm512_add_epi32(_mm512_load_si512(Ib[S & 1][0][r]),
                                       _mm512_slli_epi32(_mm512_load_si512(Ib[S & 1][1][r]), 3));
             superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs.data(), dx.data());
+          };
+          for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+          if (r0 == 0 || !keep) prep(0);
+          for (int64_t S = 0; S < NS; ++S) {
+            if (S + 1 < NS && (r0 == 0 || !keep)) prep(S + 1);
+            tiles(S);
+            if (S > 0) post(S - 1);
+          }
+          post(NS - 1);
+          for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], acc[r]);
+          emit(b, r0, R);
+        }
+      }
+      _tile_release();
+      return;
+    }
+    if (use_amx6) {
+      // Q6_K on signed AMX tiles. Its group scales are int8 (-128..127) and its codes q are 0..63 for the values
+      // sc (q - 32). Each scale is written in three base-8 digits sc = d0 + 8 d1 + 64 d2 with every digit in -3..4, so
+      // the products c d_k of a centred code c = q - 32 (-32..31) fit a signed byte (-128..124), and three tile
+      // products sum C_k = sum_g d_k,g sum_j c_j x_j exactly. C_0 + 8 C_1 + 64 C_2 = sum_g sc_g sum_j (q_j - 32) x_j
+      // = A - 32 B, with A the vpdpbusd code's sum and B = sum_g sc_g xs_g its mins term (Q6_K's mn is its sc), so
+      // A = that + (B << 5): the same integers, then the same fp32 steps (superblock_fp32): the same bits.
+      // Pipelined per superblock as the Q4_K code: digits of S + 1 made while the tiles of S run, fp32 steps of S - 1.
+      amx_config();
+      // digit products, [superblock][k-step of 64 inputs (4 groups)][digit][16 rows x 64 bytes]: a ring of two
+      // superblocks for one 16-row pass; for more rows all of a row block's, made by the first pass
+      const bool keep = M > 16;
+      constexpr int64_t BS6 = 4 * 3 * 1024;
+      std::vector<uint8_t> Bw_v((keep ? NS : 2) * BS6 + 64);
+      uint8_t* Bw0 = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(Bw_v.data()) + 63) & ~uintptr_t(63));
+      auto Bw = [&](int64_t S) { return Bw0 + (keep ? S : S & 1) * BS6; };
+      alignas(64) int32_t Ib[2][3][16][16];  // [S parity][digit][row][lane]
+      const __m512i low4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x30), c32 = _mm512_set1_epi8(32);
+      const __m512i lo8 = _mm512_set1_epi16(0x00FF), three = _mm512_set1_epi32(3), seven = _mm512_set1_epi32(7);
+      for (int64_t b = b0; b < b1; ++b) {
+        auto prep = [&](int64_t S) {
+          for (int64_t gi = 0; gi < GPS; ++gi) {
+            const int64_t bg = b * G + S * GPS + gi;
+            const uint8_t* wp = Q + bg * qbytes;
+            for (int64_t l = 0; l < qbytes; l += 64) _mm_prefetch((const char*)(wp + 16 * qbytes + l), _MM_HINT_T0);
+            __m512i qv[4];
+            for (int64_t t = 0; t < 2; ++t) {
+              const __m512i v = _mm512_loadu_si512(wp + 64 * t);
+              qv[2 * t] = _mm512_and_si512(v, low4);
+              qv[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            }
+            const __m512i h = _mm512_loadu_si512(wp + 128);
+            qv[0] = _mm512_or_si512(qv[0], _mm512_and_si512(_mm512_slli_epi16(h, 4), m2));
+            qv[1] = _mm512_or_si512(qv[1], _mm512_and_si512(_mm512_slli_epi16(h, 2), m2));
+            qv[2] = _mm512_or_si512(qv[2], _mm512_and_si512(h, m2));
+            qv[3] = _mm512_or_si512(qv[3], _mm512_and_si512(_mm512_srli_epi16(h, 2), m2));
+            // a lane's digits, in both 16-bit halves of its 32 bits (so one 16-bit multiply serves its 4 bytes)
+            __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(SC + bg * 16)));
+            __m512i dg[3];
+            for (int k = 0; k < 3; ++k) {
+              const __m512i d = k < 2 ? _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(sc, three), seven), three) : sc;
+              sc = _mm512_srai_epi32(_mm512_sub_epi32(sc, d), 3);
+              dg[k] = _mm512_or_si512(_mm512_and_si512(d, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(d, 16));
+            }
+            uint8_t* base = Bw(S) + (gi / 4) * 3 * 1024 + (gi % 4) * 4 * 64;
+            for (int64_t st = 0; st < 4; ++st) {
+              const __m512i c = _mm512_sub_epi8(qv[st], c32);  // centred codes, -32..31
+              const __m512i ce = _mm512_srai_epi16(_mm512_slli_epi16(c, 8), 8), co = _mm512_srai_epi16(c, 8);
+              for (int k = 0; k < 3; ++k) {
+                const __m512i pe = _mm512_mullo_epi16(ce, dg[k]), po = _mm512_mullo_epi16(co, dg[k]);
+                _mm512_store_si512(base + k * 1024 + st * 64,
+                                   _mm512_or_si512(_mm512_and_si512(pe, lo8), _mm512_slli_epi16(po, 8)));
+              }
+            }
+          }
+        };
+        for (int64_t r0 = 0; r0 < M; r0 += 16) {
+          const int64_t R = std::min<int64_t>(16, M - r0);
+          auto tiles = [&](int64_t S) {  // C: 0, 1, 2 (the digits); activations 3 / 4; B 5, 6, 7
+            const int8_t* xa = xq.data() + r0 * K + S * SB;
+            const uint8_t* w = Bw(S);
+            _tile_zero(0); _tile_zero(1); _tile_zero(2);
+            for (int64_t t = 0; t < 4; ++t) {
+              const uint8_t* wq = w + t * 3 * 1024;
+              _tile_loadd(5, wq, 64); _tile_loadd(6, wq + 1024, 64); _tile_loadd(7, wq + 2048, 64);
+              if (t & 1) {
+                _tile_loadd(4, xa + 64 * t, K);
+                _tile_dpbssd(0, 4, 5); _tile_dpbssd(1, 4, 6); _tile_dpbssd(2, 4, 7);
+              } else {
+                _tile_loadd(3, xa + 64 * t, K);
+                _tile_dpbssd(0, 3, 5); _tile_dpbssd(1, 3, 6); _tile_dpbssd(2, 3, 7);
+              }
+            }
+            _tile_stored(0, Ib[S & 1][0], 64); _tile_stored(1, Ib[S & 1][1], 64); _tile_stored(2, Ib[S & 1][2], 64);
+          };
+          __m512 acc[16];
+          auto post = [&](int64_t S) {
+            __m512i A[16];
+            for (int64_t r = 0; r < R; ++r)
+              A[r] = _mm512_add_epi32(_mm512_add_epi32(_mm512_load_si512(Ib[S & 1][0][r]),
+                                                       _mm512_slli_epi32(_mm512_load_si512(Ib[S & 1][1][r]), 3)),
+                                      _mm512_slli_epi32(_mm512_load_si512(Ib[S & 1][2][r]), 6));
+            superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs.data(), dx.data(), 5);
           };
           for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
           if (r0 == 0 || !keep) prep(0);
