@@ -116,6 +116,18 @@ def test_a_row_is_the_same_alone_or_among_others(name):
         assert torch.equal(_mm(x[i:i + 1].contiguous(), p, t, 50)[0], full[i])
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0"])
+def test_a_long_input_is_computed_in_chunks_with_the_same_bits(name):
+    """More than 256 rows (a long prefill, a wide batch) run as chunks of 128: every row equals the torch path and
+    the same row computed among 16."""
+    w, p, t = _layer(name, N=40)
+    x = torch.randn(300, w.shape[1], generator=torch.Generator().manual_seed(4))
+    got = _mm(x, p, t, 40)
+    assert torch.equal(got, native.qmm_torch(x, p, 40, t.SB, t.GS, t.bits, t.mn_scale, None))
+    for a in (0, 120, 250, 284):
+        assert torch.equal(got[a:a + 16], _mm(x[a:a + 16].contiguous(), p, t, 40))
+
+
 @pytest.mark.parametrize("name", list(TYPES))
 def test_the_product_is_the_file_weights_times_x(name):
     """The only approximation is the int8 activations: close to the dequantized product, not equal to it."""

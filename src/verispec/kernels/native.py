@@ -244,6 +244,8 @@ static inline void superblock_fp32(__m512* acc, const __m512i* A, int64_t R, int
 }
 #endif
 
+static constexpr int64_t QMM_CHUNK = 128;  // rows per chunk of a long input (qmm)
+
 // y (M, N) = x (M, K) times packed integer weights (see verispec.kernels.ggml_blocks.pack).
 torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Tensor mn, torch::Tensor D,
                   torch::Tensor Dm, int64_t N, int64_t SB, int64_t GS, int64_t bits, double mn_scale_d,
@@ -258,6 +260,15 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
   const float mn_scale = (float)mn_scale_d;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
+  if (M > 2 * QMM_CHUNK) {  // a long prefill or a wide batch: chunks of rows whose activations stay in cache while
+    // every row block's weights pass over them (all M rows at once stream M x K bytes again for each row block).
+    // A row's arithmetic does not depend on the rows beside it, so the chunks give the same bits.
+    for (int64_t r = 0; r < M; r += QMM_CHUNK) {
+      const int64_t m = std::min<int64_t>(QMM_CHUNK, M - r);
+      y.narrow(0, r, m).copy_(qmm(x.narrow(0, r, m), q, sc, mn, D, Dm, N, SB, GS, bits, mn_scale_d, bias));
+    }
+    return y;
+  }
   // rows padded to a multiple of 16 with zeros: an AMX pass loads 16 activation rows whatever M is
   std::vector<int8_t> xq(((M + 15) / 16) * 16 * K);
   std::vector<float> dx(M * NS);
@@ -274,7 +285,9 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
   // AMX for Q4_K only: other types' scales do not split into byte-sized products (their groups stay on vpdpbusd)
   const bool use_amx = bits == 4 && GS == 32 && GPS % 2 == 0 && GPS <= 16 && M >= g_amx_min_rows && amx_permit();
   // Q6_K (its offsets are its scales: mn is sc, so the mins term B = sum_g sc_g xs_g) on signed tiles, see below
-  const bool use_amx6 = bits == 6 && GS == 16 && GPS == 16 && MN == SC && M >= g_amx_min_rows && amx_permit();
+  // (from 9 rows at least: below, its digit pass per superblock costs more than the one 8-row vpdpbusd pass it saves)
+  const bool use_amx6 = bits == 6 && GS == 16 && GPS == 16 && MN == SC && M >= std::max<int64_t>(g_amx_min_rows, 9) &&
+                        amx_permit();
 #endif
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
 #if defined(VS_AVX512)
