@@ -154,7 +154,9 @@ def _describe_int4(module: nn.Module) -> str:
     parts = [f"{q4} on verispec's q4 AVX-512 VNNI kernel" if q4 else "",
              f"{len(layers) - q4} on PyTorch's int4 kernel" if len(layers) > q4 else "",
              f"{fp32} fp32 oneDNN" if fp32 else ""]
-    wide = f" (inputs of >= {WIDE_ROWS} rows: an int8 copy)" if any(m.wide is not None for m in layers) else ""
+    engines = sorted({getattr(m.wide, "_vs_engine", "?") for m in layers if m.wide is not None})
+    wide = (f" (inputs of >= {WIDE_ROWS} rows: an int8 copy on the {'/'.join(engines)} engine"
+            f"{', AMX tiles' if 'onednn' in engines else ''})" if engines else "")
     return "int4 groups of 32: " + ", ".join(p for p in parts if p) + wide
 
 

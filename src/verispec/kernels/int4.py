@@ -186,14 +186,16 @@ class Int4Linear(nn.Module):
         return y.reshape(*lead, N)
 
     def extra_repr(self) -> str:
-        wide = f", int8 copy for >= {WIDE_ROWS} rows" if self.wide is not None else ""
+        eng = getattr(self.wide, "_vs_engine", None)
+        wide = (f", int8 copy for >= {WIDE_ROWS} rows{f' ({eng})' if eng else ''}" if self.wide is not None
+                else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"bias={self.bias is not None}, kernel={self.kernel}{wide}")
 
 
 def _int8_copy(lin: nn.Module) -> nn.Module | None:
     """A dynamically quantized int8 copy of `lin` (as backend "fast-int8" makes it), or None without int8."""
-    from verispec.kernels.int8 import int8_available, quantize_int8
+    from verispec.kernels.int8 import int8_available, quantize_int8, wide_engine
 
     if not int8_available():
         return None
@@ -203,7 +205,8 @@ def _int8_copy(lin: nn.Module) -> nn.Module | None:
         if lin.bias is not None:
             dense.bias.copy_(lin.bias)  # a private copy: the packed params keep the bias tensor itself
     holder = nn.Sequential(dense)
-    quantize_int8(holder, ["0"])
+    quantize_int8(holder, ["0"], engine=wide_engine())
+    holder[0]._vs_engine = wide_engine() or torch.backends.quantized.engine  # named in reports
     return holder[0]
 
 
