@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from verispec.allocator import NO_MALLOPT_ENV, tune_allocator
-from verispec.sampling import Sampling, sample
+from verispec.sampling import Sampling, argmax_rows, sample
 
 
 def test_one_hot_gives_its_token():
@@ -17,6 +17,24 @@ def test_one_hot_gives_its_token():
         p = torch.zeros(151_936)
         p[i] = 1.0
         assert sample(p, torch.Generator().manual_seed(i)) == i
+
+
+def test_a_one_hot_draw_uses_the_generator_as_any_draw_does():
+    """The one-hot shortcut still takes its uniform: the stream's later draws do not depend on the shortcut."""
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    one_hot, spread = torch.zeros(1000), torch.full((1000,), 1e-3)
+    one_hot[3] = 2.0  # unnormalised mass too
+    assert sample(one_hot, g1) == 3
+    sample(spread, g2)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_argmax_rows_is_torch_argmax_with_ties():
+    x = torch.tensor([[1.0, 3.0, 3.0], [-2.0, -2.0, -5.0], [0.0, 0.0, 0.0]])  # (3, 3)
+    assert argmax_rows(x).tolist() == x.argmax(-1).tolist() == [1, 0, 0]
+    y = torch.randn(4, 151_936, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(argmax_rows(y), y.argmax(-1)) and argmax_rows(y).dtype == torch.int64
+    assert torch.equal(argmax_rows(y[:, ::2]), y[:, ::2].argmax(-1))  # a strided view
 
 
 def test_draws_follow_the_distribution_and_skip_zero_mass():
