@@ -88,6 +88,30 @@ def test_a_ragged_batch_through_the_step_gives_the_python_loops_bits(native_mode
 
 
 @needs_kernels
+def test_a_long_prefill_and_a_wide_ragged_batch_give_the_python_loops_bits(native_model):
+    """More than 256 rows (the step's MLP then runs in chunks, qmm in chunks): logits and KV equal the Python loop."""
+    from verispec.cache import prefill_batch
+
+    g = torch.Generator().manual_seed(2)
+    long = torch.randint(0, 64, (300,), generator=g).tolist()
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (90, 140, 75)]
+    out = {}
+    for c_step in (True, False):
+        lm = CachedLM(native_model)
+        lm.lean._step = None if c_step else False
+        first = lm.forward(long, n_logits=5)
+        lms = [CachedLM(native_model) for _ in prompts]
+        for x in lms:
+            x.lean._step = None if c_step else False
+        prefill_batch(lms, prompts)  # one ragged forward of 305 rows
+        nxt = [x.forward(p + [1], 1) for x, p in zip(lms, prompts)]
+        kv = [torch.cat([ly.keys, ly.values]) for x in [lm] + lms for ly in x.cache.layers]
+        assert all(hasattr(ly, "_vs_kbuf") == c_step for ly in lm.cache.layers)
+        out[c_step] = [first, *nxt, *kv]
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False]))
+
+
+@needs_kernels
 def test_kv_rows_are_written_in_place_while_the_buffer_has_room(native_model):
     dec = NativeDecoder(native_model)
     c = DynamicCache(config=native_model.config)

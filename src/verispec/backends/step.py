@@ -1,5 +1,7 @@
-"""A decoder forward of a causal chain in one C++ call (`verispec.kernels.native`'s `step`), for the gguf backend's
-`NativeDecoder` and the lean drafter forward on "fast-int4".
+"""A decoder forward in one C++ call (`verispec.kernels.native`'s `step`), for the gguf backend's `NativeDecoder` and
+the lean drafter forward on "fast-int4": a causal chain, a token tree (a mask per row), or a ragged batch of several
+sequences, each on its own cache (`run`: the batched engine's rounds; the linear layers see all rows stacked,
+attention runs per sequence).
 
 Why: on a 2-core machine a decoding step of the 1.5B target spent ~11 ms of its ~60 ms outside the linear kernels,
 and the 0.5B drafter ~8.5 ms of ~21 ms: per-operation Python and torch dispatch (~25 operations per layer) and the

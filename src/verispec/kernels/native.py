@@ -1029,6 +1029,8 @@ void plan_free(int64_t id) {
 // layer (N, H), then per segment and layer: key buffer, value buffer, keys, values (views of the buffers,
 // (1, nkv, P + T, hd))]. Keys are written into a buffer only where the cached keys are its leading rows and it has
 // room; otherwise a larger buffer is made and the cached rows copied once.
+static constexpr int64_t MLP_CHUNK = 128;  // rows per chunk of step's MLP
+
 std::vector<torch::Tensor> step(int64_t id, torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
                                 std::vector<int64_t> Ps, std::vector<int64_t> Ts, std::vector<torch::Tensor> masks,
                                 std::vector<torch::Tensor> kv) {
@@ -1086,11 +1088,22 @@ std::vector<torch::Tensor> step(int64_t id, torch::Tensor x, torch::Tensor cos, 
       out[3 + j] = kb.narrow(2, 0, P + T); out[4 + j] = vb.narrow(2, 0, P + T);
     }
     x = at::add(x, vstep::run(ly.o, o.view({N, nh * hd})));
-    h = rmsnorm(x, ly.ln2, p.eps);
-    std::vector<torch::Tensor> gu;
-    for (const auto& l : ly.gu) vstep::parts(l, h, gu);
-    TORCH_CHECK(gu.size() == 2, "step: gate, up");
-    x = at::add(x, vstep::run(ly.down, silu_mul(gu[0].contiguous(), gu[1].contiguous())));
+    // the MLP in chunks of rows: a long prefill or a wide batch would otherwise write N x 2I gate / up floats (117 MB
+    // for 1,640 rows of the 1.5B) and read them back; per-row kernels, so the chunks give the same bits
+    const bool split = N > 2 * MLP_CHUNK;
+    const int64_t cs = split ? (N + (N + MLP_CHUNK - 1) / MLP_CHUNK - 1) / ((N + MLP_CHUNK - 1) / MLP_CHUNK) : N;
+    torch::Tensor y = split ? torch::empty_like(x) : x;
+    for (int64_t r = 0; r < N; r += cs) {  // (up to 2 x MLP_CHUNK rows: one chunk; more: chunks of <= MLP_CHUNK)
+      const int64_t m = std::min<int64_t>(cs, N - r);
+      torch::Tensor xc = split ? x.narrow(0, r, m) : x;
+      torch::Tensor hc = rmsnorm(xc, ly.ln2, p.eps);
+      std::vector<torch::Tensor> gu;
+      for (const auto& l : ly.gu) vstep::parts(l, hc, gu);
+      TORCH_CHECK(gu.size() == 2, "step: gate, up");
+      torch::Tensor yc = at::add(xc, vstep::run(ly.down, silu_mul(gu[0].contiguous(), gu[1].contiguous())));
+      if (split) y.narrow(0, r, m).copy_(yc); else y = yc;
+    }
+    x = y;
   }
   out[0] = x;
   return out;
