@@ -246,6 +246,23 @@ static inline void superblock_fp32(__m512* acc, const __m512i* A, int64_t R, int
 
 static constexpr int64_t QMM_CHUNK = 128;  // rows per chunk of a long input (qmm)
 
+#if defined(VS_AMX)
+// The software pipeline of both AMX codes, per 16-row pass over a row block: the codes of superblock S + 1 are made
+// (make: this pass makes them; a later pass of a prefill reads those the first made) while the tile products of S
+// run, and the fp32 steps of S - 1 read tile results stored one step earlier (a tile load or a vector load of data
+// stored just before it waits for that store).
+template <class Prep, class Tiles, class Post>
+static inline void amx_pipeline(int64_t NS, bool make, Prep& prep, Tiles& tiles, Post& post) {
+  if (make) prep(0);
+  for (int64_t S = 0; S < NS; ++S) {
+    if (S + 1 < NS && make) prep(S + 1);
+    tiles(S);
+    if (S > 0) post(S - 1);
+  }
+  post(NS - 1);
+}
+#endif
+
 // y (M, N) = x (M, K) times packed integer weights (see verispec.kernels.ggml_blocks.pack).
 torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Tensor mn, torch::Tensor D,
                   torch::Tensor Dm, int64_t N, int64_t SB, int64_t GS, int64_t bits, double mn_scale_d,
@@ -370,13 +387,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
             superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs.data(), dx.data());
           };
           for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-          if (r0 == 0 || !keep) prep(0);
-          for (int64_t S = 0; S < NS; ++S) {
-            if (S + 1 < NS && (r0 == 0 || !keep)) prep(S + 1);
-            tiles(S);
-            if (S > 0) post(S - 1);
-          }
-          post(NS - 1);
+          amx_pipeline(NS, r0 == 0 || !keep, prep, tiles, post);
           for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], acc[r]);
           emit(b, r0, R);
         }
@@ -469,13 +480,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
             superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs.data(), dx.data(), 5);
           };
           for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-          if (r0 == 0 || !keep) prep(0);
-          for (int64_t S = 0; S < NS; ++S) {
-            if (S + 1 < NS && (r0 == 0 || !keep)) prep(S + 1);
-            tiles(S);
-            if (S > 0) post(S - 1);
-          }
-          post(NS - 1);
+          amx_pipeline(NS, r0 == 0 || !keep, prep, tiles, post);
           for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], acc[r]);
           emit(b, r0, R);
         }
