@@ -205,8 +205,9 @@ def _int8_copy(lin: nn.Module) -> nn.Module | None:
         if lin.bias is not None:
             dense.bias.copy_(lin.bias)  # a private copy: the packed params keep the bias tensor itself
     holder = nn.Sequential(dense)
-    quantize_int8(holder, ["0"], engine=wide_engine())
-    holder[0]._vs_engine = wide_engine() or torch.backends.quantized.engine  # named in reports
+    engine = wide_engine()
+    quantize_int8(holder, ["0"], engine=engine)
+    holder[0]._vs_engine = engine or torch.backends.quantized.engine  # named in reports
     return holder[0]
 
 

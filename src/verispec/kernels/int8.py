@@ -17,6 +17,7 @@ silenced here), still present and working in the pinned torch. Each quantized la
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -31,6 +32,7 @@ def int8_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
 def wide_engine() -> str | None:
     """The quantized engine to pack int8 copies for many-row inputs with: "onednn" where the CPU has AMX int8 (oneDNN
     runs those GEMMs on AMX tiles: measured 2.4x / 5.6x FBGEMM's speed at 140 / 1100 rows of the 0.5B drafter's
