@@ -113,9 +113,13 @@ class Step:
             return False
         if any(m._forward_hooks or m._forward_pre_hooks for m in self.watched):
             return False
+        return self.cache_ok(cache)
+
+    def cache_ok(self, cache) -> bool:
+        """Whether the cache is a plain DynamicCache with a layer for each of this plan's layers."""
+        n = len(self.layers)
         cl = getattr(cache, "layers", None)
-        return cl is not None and len(cl) >= len(layers) and all(type(c).__name__ == "DynamicLayer"
-                                                                 for c in cl[:len(layers)])
+        return cl is not None and len(cl) >= n and all(type(c).__name__ == "DynamicLayer" for c in cl[:n])
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, P: int) -> torch.Tensor:
         """x (T, H) after P cached rows, cos / sin (T, hd): the last layer's output (T, H); the cache is extended."""

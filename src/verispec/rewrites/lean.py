@@ -79,7 +79,7 @@ class LeanDecoder:
         parts = []
         for s in segs:
             c, P = s.lm.cache, len(s.lm.ids)
-            if c.get_seq_length() != P or (s is not segs[0] and not st.usable(self.layers, c)):
+            if c.get_seq_length() != P or (s is not segs[0] and not st.cache_ok(c)):  # (layers, hooks: checked)
                 return None
             parts.append((c, P, len(s.new), s.allowed))
         return st.run(x.float().contiguous(), cos.float().contiguous(), sin.float().contiguous(), parts)
