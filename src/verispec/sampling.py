@@ -92,7 +92,8 @@ def sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
     never drawn (their cumulative sum equals their predecessor's). Exact up to float64 rounding, and ~20x cheaper
     than `torch.multinomial` over a 151,936-token vocabulary on this CPU (0.10–0.12 vs 2.5–3.3 ms with the
     allocator setting, `scripts/drafter_kernels.py`), which mattered: multinomial was most of the per-token overhead
-    outside the forwards.
+    outside the forwards. A one-hot p (greedy) skips the float64 cumsum: its inverse CDF is its token for any u, and
+    u is still drawn, so the generator advances as for any other draw.
     """
     u = torch.rand((), generator=generator, dtype=torch.float64, device=p.device)  # () in [0, 1)
     if p.device.type == "cpu" and p.dtype == torch.float32 and not p.requires_grad:
