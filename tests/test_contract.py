@@ -72,6 +72,8 @@ SETTINGS = {
     "medusa": [("tree", lambda ids, V, t: {"heads": heads_for("medusa", t, ids)}),
                ("chain", lambda ids, V, t: {"heads": heads_for("medusa", t, ids), "tree": "chain"})],
     "blockwise": [("default", lambda ids, V, t: {"heads": heads_for("blockwise", t, ids)})],
+    # untrained masks (random embeddings, identity blocks) for the draft model: drafts past the first are rarely right
+    "parallelspec": [("default", lambda ids, V, t, d: {"heads": masks_for(d)})],
     # EAGLE-1 layers fitted briefly to the target's text (EAGLE-3 needs a deeper target: tests/test_eagle.py)
     "eagle": [("tree", lambda ids, V, t: {"heads": eagle_for(t, ids), "top_k": 2, "nodes": 6}),
               ("chain", lambda ids, V, t: {"heads": eagle_for(t, ids), "tree": "chain"})],
@@ -112,8 +114,21 @@ def eagle_for(target: torch.nn.Module, ids: list[int], steps: int = 30):
     return eagle.fit_to_text(target, ids, "eagle1", steps=steps)
 
 
-def make_options(options, ids, V, target) -> dict:
-    return options(ids, V, target) if options.__code__.co_argcount == 3 else options(ids, V)
+def masks_for(drafter: torch.nn.Module):
+    """ParallelSpec masks for the draft model, untrained: random rows the size of its embeddings."""
+    from verispec.drafters.parallelspec import MaskHeads
+
+    torch.manual_seed(0)
+    heads = MaskHeads(getattr(drafter, "model", drafter).config.hidden_size, 3)
+    with torch.no_grad():
+        heads.masks.normal_(0.0, 0.05)
+    return heads.eval()
+
+
+def make_options(options, ids, V, target, drafter=None) -> dict:
+    """A factory with 3 parameters also gets the target model, one with 4 the draft model too."""
+    n = options.__code__.co_argcount
+    return options(ids, V, target, drafter) if n == 4 else options(ids, V, target) if n == 3 else options(ids, V)
 
 
 # Variants left out of the χ² tests: Lookahead's paper setting cannot draft in 3-token generations; the others are
@@ -189,7 +204,7 @@ def test_greedy_output_is_ar_output(greedy_world, name, options, verifier):
         target, drafter = LoadedModel(target, tok, "tiny-target"), LoadedModel(drafter, tok, "tiny-drafter")
     out = verispec.generate(target, GREEDY_PROMPT, method=name, drafter=drafter if m.needs_draft_model else None,
                             gamma=4, max_new_tokens=48, verifier=verifier,
-                            **make_options(options, GREEDY_PROMPT + ar, 64, target))
+                            **make_options(options, GREEDY_PROMPT + ar, 64, target, drafter))
     assert out.token_ids == ar
     s = out.stats
     assert 0 < s.accepted < s.drafted, "drafts must be both kept and rejected for the test to mean something"
@@ -253,7 +268,7 @@ def job_for(name: str, options: dict, target, drafter, verifier=None):
 @pytest.mark.parametrize("name,options,verifier", variants(law=True))
 def test_samples_follow_the_target_at_every_draft_position(law_world, deep_law_world, name, options, verifier):
     target, drafter, law, text, options = world_for(name, options, law_world, deep_law_world)
-    job = job_for(name, make_options(options, LAW_PROMPT + text, V, target), target, drafter, verifier)
+    job = job_for(name, make_options(options, LAW_PROMPT + text, V, target, drafter), target, drafter, verifier)
     counts, rounds = draw(job, CHI2_N, seed=5,
                           n_tokens=N_TOKENS, sampling=SAMPLING, prompt=LAW_PROMPT)
     assert rounds.drafted(K) > CHI2_N // 20, "draft position K was rarely reached: the test would not cover it"
@@ -282,7 +297,7 @@ def test_the_same_statistic_rejects_a_biased_recovery(law_world, deep_law_world,
     (under the chain verifier the variant names, broken the same way)."""
     target, drafter, law, text, options = world_for(name, options, law_world, deep_law_world)
     base = VERIFIERS[verifier or "rejection"].load()
-    opts = make_options(options, LAW_PROMPT + text, V, target)
+    opts = make_options(options, LAW_PROMPT + text, V, target, drafter)
     job = job_for(name, opts, target, drafter, verifier=recover_from_p(base)())
     # sampled trees recover rarely (a token must fail every sibling): twice the draws
     sampled_tree = (name == "sd-tree" and opts.get("children") != "topk") or name == "staged"

@@ -326,8 +326,11 @@ def cmd_train_heads(a) -> int:
     kw = {k: v for k, v in dict(steps=a.steps, batch=a.batch, lr=a.lr, n_heads=a.heads).items() if v is not None}
     if a.what == "eagle":
         kw.update(warm_start=a.warm_start, **({"fusion": a.fusion} if a.fusion else {}))
-    summary = module.train_heads(target, store, out, minutes=left, tokens=a.tokens, workdir=work,
-                                 draft_vocab=a.draft_vocab or None, **kw)
+    if a.what == "parallelspec":  # masks for a draft model; drafting keeps that model's own output layer
+        kw["drafter"] = a.drafter
+    else:
+        kw["draft_vocab"] = a.draft_vocab or None
+    summary = module.train_heads(target, store, out, minutes=left, tokens=a.tokens, workdir=work, **kw)
     summary.pop("heads", None)
     summary["data_minutes"] = round(data_min, 2)
     summary["target"] = f"{target.name} ({target.backend}: {target.kernel})"
@@ -545,8 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="fit what a method learns offline (layer-skip: the target's skip set)",
                         epilog="example: verispec train layer-skip --target qwen2.5-coder-1.5b --minutes 10")
-    tr.add_argument("what", choices=["layer-skip", "medusa", "blockwise", "eagle"])
+    tr.add_argument("what", choices=["layer-skip", "medusa", "blockwise", "eagle", "parallelspec"])
     tr.add_argument("--target", default="qwen2.5-coder-1.5b")
+    tr.add_argument("--drafter", default="qwen2.5-coder-0.5b", help="parallelspec: the draft model its masks are for")
     tr.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
     tr.add_argument("--tokens", type=int, default=None,
                     help="layer-skip: calibration tokens (default 256); heads: training-token budget")
@@ -560,11 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--completion-len", type=int, default=48, help="heads: the target's completion per prompt")
     tr.add_argument("--data-minutes", type=float, default=None,
                     help="heads: budget of the store's generation (default 30)")
-    tr.add_argument("--steps", type=int, help="training steps (medusa/blockwise default 1500, eagle 600)")
-    tr.add_argument("--batch", type=int, help="rows per step (medusa/blockwise 64) or tokens per step (eagle 256)")
-    tr.add_argument("--lr", type=float, help="learning rate (medusa/blockwise 1e-3, eagle 3e-4)")
+    tr.add_argument("--steps", type=int,
+                    help="training steps (medusa/blockwise default 1500, eagle 600, parallelspec 400)")
+    tr.add_argument("--batch", type=int, help="rows per step (medusa/blockwise 64), tokens per step (eagle 256) or "
+                                              "96-token windows per step (parallelspec 2)")
+    tr.add_argument("--lr", type=float, help="learning rate (medusa/blockwise 1e-3, eagle 3e-4, parallelspec 3e-3)")
     tr.add_argument("--heads", type=int,
-                    help="medusa/blockwise: number of heads (draft depth, default 4); eagle: training-time-test steps")
+                    help="medusa/blockwise: number of heads (draft depth, default 4); eagle: training-time-test steps; "
+                         "parallelspec: drafts per forward (default 5: four masks)")
     tr.add_argument("--fusion", choices=["eagle1", "eagle3"], help="eagle: which features it fuses (default eagle3)")
     tr.add_argument("--warm-start", action="store_true", help="eagle: start the layer from the target's last layer")
     tr.add_argument("--draft-vocab", type=int, default=16384, help="heads: draft vocabulary size (0 = full)")

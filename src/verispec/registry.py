@@ -132,6 +132,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "tree=chain for a chain); trained by `verispec train eagle`, heads=PATH|NAME",
            "Li et al. 2024 (EAGLE, EAGLE-2); Li et al. 2025 (EAGLE-3)", options=("heads", "tree", "top_k", "nodes", "weights"),
            needs_training=True, tree=True),
+    Method("parallelspec", "speculative", "verispec.drafters.parallelspec:ParallelSpecDrafter.from_ctx",
+           "ParallelSpec: the draft model reads k − 1 trained mask tokens after the pending token and drafts k tokens "
+           "in ONE forward (its weights unchanged; masks and per-mask residual blocks trained by `verispec train "
+           "parallelspec`, heads=PATH|NAME)", "Xiao et al. 2024 (ParallelSpec); An et al. 2025 (PARD)",
+           options=("heads", "draft_vocab", "vocab_corpus"), needs_draft_model=True, needs_training=True),
     Method("rest", "speculative", "verispec.drafters.rest:RestDrafter.from_ctx",
            "exact-match retrieval from a suffix-array datastore; a chain, or a token tree with tree_nodes=N",
            "He et al. 2024", options=("datastore", "max_suffix", "min_suffix", "max_occurrences", "tree_nodes"),
