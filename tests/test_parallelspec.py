@@ -101,7 +101,8 @@ def test_training_learns_tokens_ahead():
         seqs.append(np.full(48, int(g.integers(0, 16))))
     heads0 = MaskHeads(32, 2)
     before = held_out_accuracy(drafter, heads0, seqs, width=32, anchors=8, n=4)
-    heads, report = fit(drafter, seqs, n_masks=2, width=32, anchors=8, batch=4, steps=150, lr=3e-2, progress=False)
+    heads, report = fit(drafter, seqs, n_masks=2, width=32, anchors=8, batch=4, steps=150, lr=3e-2, mask_lr=1.0,
+                         distill=0.0, progress=False)  # a random drafter is no teacher: labels only
     after = held_out_accuracy(drafter, heads, seqs, width=32, anchors=8, n=4)
     assert np.mean(report.losses[-5:]) < 0.5 * np.mean(report.losses[:5])
     assert after[0] == before[0]  # the drafter itself is frozen
@@ -129,3 +130,18 @@ def test_a_folder_loads_and_a_wrong_draft_model_is_refused(tmp_path):
         ParallelSpecDrafter.from_ctx(ctx_for(tiny_llama(64, seed=9), drafter, str(path)))
     with pytest.raises(ValueError, match="masks are 16 wide"):
         ParallelSpecDrafter(tiny_llama(64, seed=2, layers=1, hidden=32), heads, 64)
+
+
+def test_the_teacher_is_the_drafter_at_the_real_position():
+    """The distillation target of mask i is the drafter's own distribution at position a + i of the real window
+    (what it predicts knowing the tokens in between), taken from the same forward."""
+    drafter = tiny_llama(64, seed=2, layers=2, hidden=32)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    where = torch.tensor([[3, 10], [5, 12]])
+    with torch.no_grad():
+        _, teach = mask_logits(drafter, random_heads(32, n_masks=3), ids, where, teacher=True)  # (B, A, M, V)
+        full = drafter(input_ids=ids).logits  # (B, W, V)
+    for b in range(2):
+        for j in range(2):
+            for i in range(3):
+                torch.testing.assert_close(teach[b, j, i], full[b, int(where[b, j]) + i + 1], atol=1e-4, rtol=1e-4)

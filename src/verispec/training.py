@@ -50,7 +50,10 @@ def train(model: nn.Module, batch: Callable[[int], tuple], loss_fn: Callable[...
     batch(step) -> (n_tokens, *args): the number of tokens the step trains on (for tokens/s and the budget) and the
     loss's arguments. workdir: where the checkpoint lives (resumed from when present) and the loss curve goes."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # a parameter may carry `lr_scale` (its own learning rate = lr x lr_scale), e.g. input embeddings beside heads
+    scales = sorted({float(getattr(p, "lr_scale", 1.0)) for p in params})
+    groups = [{"params": [p for p in params if float(getattr(p, "lr_scale", 1.0)) == c], "lr": lr * c} for c in scales]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to 10%
         opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (0.55 + 0.45 * math.cos(math.pi * min(s / steps, 1.0))))
     start, seen, losses, spent = 0, 0, [], 0.0

@@ -224,9 +224,12 @@ def layout(width: int, where: torch.Tensor, n_masks: int) -> tuple[torch.Tensor,
     return allowed, pos
 
 
-def mask_logits(model: nn.Module, heads: MaskHeads, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+def mask_logits(model: nn.Module, heads: MaskHeads, ids: torch.Tensor, where: torch.Tensor,
+                teacher: bool = False):
     """The drafter's logits at every mask slot of the batch: (B, A, M, V). The drafter is frozen; gradients reach
-    the mask embeddings (through every layer) and the residual blocks."""
+    the mask embeddings (through every layer) and the residual blocks. teacher=True also returns the drafter's own
+    logits at the real positions a + i (what it predicts there knowing the tokens in between; the same forward,
+    detached): (B, A, M, V)."""
     B, W = ids.shape
     A, M = where.shape[1], heads.n_masks
     allowed, pos = layout(W, where, M)
@@ -235,14 +238,29 @@ def mask_logits(model: nn.Module, heads: MaskHeads, ids: torch.Tensor, where: to
     mask = torch.zeros(B, 1, *allowed.shape[1:], dtype=x.dtype)  # (B, 1, Q, Q) additive
     mask.masked_fill_(~allowed[:, None], torch.finfo(x.dtype).min)
     h = model.get_decoder()(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state  # (B, Q, H)
-    h = h[:, W:].reshape(B, A, M, -1)  # (B, A, M, H)
-    h = torch.stack([heads.blocks[i](h[:, :, i]) for i in range(M)], 2)  # (B, A, M, H)
-    return model.get_output_embeddings()(h)  # (B, A, M, V)
+    out = model.get_output_embeddings()
+    hm = h[:, W:].reshape(B, A, M, -1)  # (B, A, M, H)
+    hm = torch.stack([heads.blocks[i](hm[:, :, i]) for i in range(M)], 2)  # (B, A, M, H)
+    logits = out(hm)  # (B, A, M, V)
+    if not teacher:
+        return logits
+    at = where[:, :, None] + torch.arange(1, M + 1)  # (B, A, M) real positions a + i
+    real = torch.gather(h[:, :W], 1, at.reshape(B, -1, 1).expand(-1, -1, h.shape[-1]))  # (B, A·M, H)
+    return logits, out(real.detach()).reshape(B, A, M, -1).detach()  # (B, A, M, V) each
 
 
-def mask_loss(heads: MaskHeads, model: nn.Module, ids, where, labels) -> torch.Tensor:
-    logits = mask_logits(model, heads, ids, where)  # (B, A, M, V)
-    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+def mask_loss(heads: MaskHeads, model: nn.Module, ids, where, labels, distill: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on the target's tokens ahead, mixed (weight `distill`) with KL from the drafter's own
+    distribution at the real position (the law the mask should reproduce without the tokens in between)."""
+    if distill <= 0:
+        logits = mask_logits(model, heads, ids, where)  # (B, A, M, V)
+        return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    logits, teach = mask_logits(model, heads, ids, where, teacher=True)  # (B, A, M, V) each
+    logp = logits.float().reshape(-1, logits.shape[-1]).log_softmax(-1)
+    ce = nn.functional.nll_loss(logp, labels.reshape(-1))
+    kl = nn.functional.kl_div(logp, teach.float().reshape(-1, teach.shape[-1]).log_softmax(-1), log_target=True,
+                              reduction="batchmean")
+    return (1 - distill) * ce + distill * kl
 
 
 class _Trainable(nn.Module):
@@ -255,8 +273,9 @@ class _Trainable(nn.Module):
 
 
 def fit(drafter: nn.Module, seqs: list[np.ndarray], *, n_masks: int = 4, width: int = 96, anchors: int = 16,
-        batch: int = 2, steps: int = 400, lr: float = 3e-3, minutes: float | None = None, tokens: int | None = None,
-        seed: int = 0, workdir=None, progress: bool = True) -> tuple[MaskHeads, object]:
+        batch: int = 2, steps: int = 400, lr: float = 1e-3, mask_lr: float = 10.0, distill: float = 0.5,
+        minutes: float | None = None, tokens: int | None = None, seed: int = 0, workdir=None,
+        progress: bool = True) -> tuple[MaskHeads, object]:
     """Train MaskHeads on token sequences for a frozen `drafter` (a transformers causal LM, fp32: bf16 autocast
     was slower here, 2.7 against 2.0 s a step on the 0.5B). Returns (heads, report)."""
     from verispec.training import train
@@ -271,6 +290,7 @@ def fit(drafter: nn.Module, seqs: list[np.ndarray], *, n_masks: int = 4, width: 
     emb = drafter.get_input_embeddings().weight
     torch.manual_seed(seed)
     heads = MaskHeads(emb.shape[1], n_masks, init=emb.detach().float().mean(0))
+    heads.masks.lr_scale = mask_lr  # input embeddings move slowly under the blocks' rate (prompt tuning's lesson)
     from verispec.cache import MASK_AWARE
 
     if drafter.config._attn_implementation not in MASK_AWARE:
@@ -283,7 +303,7 @@ def fit(drafter: nn.Module, seqs: list[np.ndarray], *, n_masks: int = 4, width: 
         return ids.numel(), ids, where, labels
 
     def loss_fn(m: _Trainable, ids, where, labels):
-        return mask_loss(m.heads, m.drafter, ids, where, labels)
+        return mask_loss(m.heads, m.drafter, ids, where, labels, distill)
 
     model = _Trainable(heads, drafter)
     report = train(model, batch_fn, loss_fn, steps=steps, lr=lr, workdir=workdir, minutes=minutes, tokens=tokens,
