@@ -145,3 +145,26 @@ def test_the_teacher_is_the_drafter_at_the_real_position():
         for j in range(2):
             for i in range(3):
                 torch.testing.assert_close(teach[b, j, i], full[b, int(where[b, j]) + i + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_train_and_generate_commands_end_to_end(folders, tmp_path, capsys):
+    """`verispec train parallelspec` on local tiny models (a store of standard-library prompts, a few steps), then
+    `verispec generate --method parallelspec` with that folder: greedy gives AR's tokens."""
+    import json
+
+    from verispec.cli import main
+
+    t, d = str(folders / "t"), str(folders / "d")
+    out, work = tmp_path / "masks", tmp_path / "work"
+    assert main(["train", "parallelspec", "--target", t, "--drafter", d, "--prompts", "3", "--prompt-len", "16",
+                 "--completion-len", "4", "--steps", "4", "--heads", "3", "--out", str(out),
+                 "--workdir", str(work)]) == 0
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["folder"] == str(out) and summary["drafts_per_forward"] == 3
+    capsys.readouterr()
+    base = ["generate", "--target", t, "--prompt", "w1 w2 w3", "--json", "--max-new-tokens", "8"]
+    assert main(base + ["--method", "parallelspec", "--drafter", d, "--option", f"heads={out}"]) == 0
+    ps = json.loads(capsys.readouterr().out)
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == ps["token_ids"]
+    assert ps["stats"]["method"] == "parallelspec"

@@ -342,9 +342,14 @@ def train_heads(target, store, out: str | Path | None = None, *, drafter="qwen2.
     seqs = [np.asarray(t) for t, _ in load_sequences(info)]
     d = load_model(drafter, backend="torch")  # trained through the dequantized weights; drafting runs any backend
     t0 = time.perf_counter()
-    heads, report = fit(d.model, seqs[: max(1, len(seqs) - 8)], n_masks=n_heads - 1, steps=steps, batch=batch,
-                        lr=lr, minutes=minutes, tokens=tokens, seed=seed, workdir=workdir, progress=progress)
-    acc = held_out_accuracy(d.model, heads, seqs[-8:] if len(seqs) > 8 else seqs)
+    width = min(96, max(len(s) for s in seqs))  # shorter windows only for a store of short sequences
+    anchors = min(16, width - n_heads - 5)
+    if anchors < 1:
+        raise ValueError(f"the store's sequences ({width} tokens at most) are too short for {n_heads} drafts")
+    shape = dict(n_masks=n_heads - 1, width=width, anchors=anchors)
+    heads, report = fit(d.model, seqs[: max(1, len(seqs) - 8)], **shape, steps=steps, batch=batch, lr=lr,
+                        minutes=minutes, tokens=tokens, seed=seed, workdir=workdir, progress=progress)
+    acc = held_out_accuracy(d.model, heads, seqs[-8:] if len(seqs) > 8 else seqs, width, anchors)
     cfg = d.model.config
     summary = {"kind": KIND, "drafter": d.name, "drafts_per_forward": n_heads, "steps": report.steps,
                "tokens": report.tokens, "minutes": round(report.seconds / 60, 2), "stopped_by": report.stopped_by,
