@@ -11,7 +11,7 @@ import torch
 from verispec.api import _Ctx
 from verispec.drafters.folder import save_drafter
 from verispec.drafters.parallelspec import (MaskHeads, ParallelSpecDrafter, fit, held_out_accuracy, layout,
-                                             mask_logits, window_batch)
+                                             mask_logits, teacher_rows, window_batch)
 from verispec.drafters.layer_skip import fingerprint
 from verispec.models import LoadedModel
 from verispec.policies import FixedGamma
@@ -139,7 +139,8 @@ def test_the_teacher_is_the_drafter_at_the_real_position():
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     where = torch.tensor([[3, 10], [5, 12]])
     with torch.no_grad():
-        _, teach = mask_logits(drafter, random_heads(32, n_masks=3), ids, where, teacher=True)  # (B, A, M, V)
+        _, real = mask_logits(drafter, random_heads(32, n_masks=3), ids, where, teacher=True)  # (B, W, V)
+        teach = teacher_rows(real, where, 3)  # (B, A, M, V)
         full = drafter(input_ids=ids).logits  # (B, W, V)
     for b in range(2):
         for j in range(2):
@@ -168,3 +169,55 @@ def test_train_and_generate_commands_end_to_end(folders, tmp_path, capsys):
     assert main(base) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == ps["token_ids"]
     assert ps["stats"]["method"] == "parallelspec"
+
+
+def test_tuned_layers_train_and_draft_with_the_tuned_weights():
+    """train_layers=1: only the last layer (and the heads) change; a drafter given that layer's state on the
+    untouched model drafts with exactly the tuned model's logits (the layer replaced in its decoder only)."""
+    import copy
+
+    base = tiny_llama(16, seed=3, layers=2, hidden=32, scale=20.0)
+    tuned_model = copy.deepcopy(base)
+    g = np.random.default_rng(0)
+    seqs = [np.full(48, int(g.integers(0, 16))) for _ in range(16)]
+    heads, report = fit(tuned_model, seqs, n_masks=2, width=32, anchors=8, batch=4, steps=20, lr=1e-2,
+                        distill=0.0, train_layers=1, layer_lr=1.0, progress=False)
+    first, last = (tuned_model.model.layers[i].state_dict() for i in (0, 1))
+    assert all(torch.equal(v, base.model.layers[0].state_dict()[k]) for k, v in first.items())
+    assert any(not torch.equal(v, base.model.layers[1].state_dict()[k]) for k, v in last.items())
+    d = ParallelSpecDrafter(base, heads, 16, tuned=[last])
+    prompt = [int(t) for t in seqs[0][:10]]
+    d.prefill(prompt)
+    logits = d.lm.forward(prompt + d.mask_ids, n_logits=3)  # (3, V)
+    with torch.no_grad():
+        want = mask_logits(tuned_model, heads, torch.tensor([prompt]), torch.tensor([[9]]))[0, 0]  # (M, V)
+        row0 = tuned_model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(logits[1:], want, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(logits[0], row0, atol=1e-3, rtol=1e-3)
+    assert base.model.layers[1] is not d.lm.lean.layers[1]  # the shared model keeps its own layer
+
+
+def test_tuned_layers_on_the_gguf_backend_become_q8_0_blocks():
+    """On a native model the tuned layer's linears are Q8_0 blocks of the tuned weights: close to the fp32 layer,
+    the file's other layers untouched, the model object unchanged."""
+    from verispec.backends.native import NativeLinear, to_native
+    from verispec.drafters.parallelspec import tuned_layer
+    from tests.test_native import _tiny
+
+    fp32 = _tiny("qwen2", seed=4)
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in fp32.model.layers[1].state_dict().items()}
+    native = to_native(_tiny("qwen2", seed=4))
+    like = native.model.layers[1]
+    layer = tuned_layer(like, state, fp32.config.rms_norm_eps)
+    assert native.model.layers[1] is like and like.self_attn.q_proj is not layer.self_attn.q_proj
+    assert isinstance(layer.mlp.down_proj, NativeLinear) and layer.mlp.down_proj.type == "Q8_0"
+    w = layer.self_attn.q_proj.weight  # the Q8_0 blocks, dequantized
+    assert float((w - state["self_attn.q_proj.weight"]).abs().max()) < 0.02 * float(w.abs().max())
+    fp32.model.layers[1].load_state_dict(state)
+    heads = random_heads(256, n_masks=2)
+    prompt = [3, 17, 42, 5, 9, 11, 20, 7]
+    ref = ParallelSpecDrafter(fp32, heads, 64)
+    got = ParallelSpecDrafter(native, heads, 64, tuned=[state])
+    a = ref.lm.forward(prompt + ref.mask_ids, n_logits=3)  # (3, V)
+    b = got.lm.forward(prompt + got.mask_ids, n_logits=3)
+    assert float((a - b).abs().max()) < 0.1 * float(a.abs().max())  # Q8_0 and int8 activations, not bits

@@ -327,7 +327,7 @@ def cmd_train_heads(a) -> int:
     if a.what == "eagle":
         kw.update(warm_start=a.warm_start, **({"fusion": a.fusion} if a.fusion else {}))
     if a.what == "parallelspec":  # masks for a draft model; drafting keeps that model's own output layer
-        kw["drafter"] = a.drafter
+        kw.update(drafter=a.drafter, train_layers=a.train_layers)
     else:
         kw["draft_vocab"] = a.draft_vocab or None
     summary = module.train_heads(target, store, out, minutes=left, tokens=a.tokens, workdir=work, **kw)
@@ -551,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("what", choices=["layer-skip", "medusa", "blockwise", "eagle", "parallelspec"])
     tr.add_argument("--target", default="qwen2.5-coder-1.5b")
     tr.add_argument("--drafter", default="qwen2.5-coder-0.5b", help="parallelspec: the draft model its masks are for")
+    tr.add_argument("--train-layers", type=int, default=0,
+                    help="parallelspec: also fine-tune the draft model's last N decoder layers (default 0: frozen)")
     tr.add_argument("--backend", default="auto", help=TARGET_BACKEND_HELP)
     tr.add_argument("--tokens", type=int, default=None,
                     help="layer-skip: calibration tokens (default 256); heads: training-token budget")

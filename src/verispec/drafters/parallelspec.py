@@ -9,12 +9,14 @@ mask rows are dropped from the drafter's cache by the next round's rollback (the
 so a round costs one drafter forward of (accepted + 1) + (k − 1) rows instead of k sequential forwards: the draft
 cost per round stops growing with γ.
 
-What is trained (self-distillation, `verispec train parallelspec`): the k − 1 mask embeddings, and per mask a
+What is trained (self-distillation, `verispec train parallelspec`): the k − 1 mask embeddings, per mask a
 Medusa-style residual block h + SiLU(W h) (W zero-initialised) on the drafter's final-norm hidden state before its
-own frozen output layer. The drafter's weights are not changed, so drafting runs on whatever backend the drafter
-model runs (the native GGUF kernels included) — a lighter variant of the paper's fine-tuning (which trains the
-whole drafter). Labels are the target's own greedy / sampled completions of standard-library prompts (the
-feature store of `verispec.distill`; only its tokens are read).
+own frozen output layer, and (`--train-layers L`, the issue's "fine-tune the last layers") the drafter's last L
+decoder layers. Untuned layers stay the file's; tuned layers are stored in the drafter folder in fp32 and, on the
+gguf backend, drafted with as Q8_0 blocks (the paper fine-tunes the whole drafter). Labels are the target's own
+greedy / sampled completions of standard-library prompts (the feature store of `verispec.distill`; only its tokens
+are read); mask i also learns the drafter's own distribution at the real position (KL), and with tuned layers the
+real rows keep learning the target's next token (the drafter's first draft depends on them).
 
 Lossless: x_{i+1} is drawn from q_{i+1} (a function of the prefix only) and exactly that q goes to the verifier;
 a q that ignores the earlier draft tokens is still the law the token was drawn from given them.
@@ -118,7 +120,7 @@ class ParallelSpecDrafter(ModelDrafter):
     name = KIND
 
     def __init__(self, model: nn.Module, heads: MaskHeads, vocab_size: int, stop_ids: frozenset[int] = frozenset(),
-                 head: nn.Module | None = None):
+                 head: nn.Module | None = None, tuned: list[dict[str, torch.Tensor]] | None = None):
         base = head if head is not None else model.get_output_embeddings()
         self.heads = heads.eval()
         self.lm = CachedLM(model, vocab_size, head=MaskedHead(self.heads, base), lean=True)
@@ -132,6 +134,16 @@ class ParallelSpecDrafter(ModelDrafter):
                              f"{emb.embedding_dim}: they were trained for another draft model")
         first = int(emb.num_embeddings)
         dec.embed = MaskEmbedding(dec.embed, self.heads.masks.detach(), first)  # this drafter's decoder only
+        if tuned:  # the last layers replaced in this drafter's decoder only (the model object is shared)
+            n = len(dec.layers) - len(tuned)
+            if n < 0:
+                raise ValueError(f"{len(tuned)} tuned layers for a draft model of {len(dec.layers)}")
+            eps = float(model.config.rms_norm_eps)
+            dec.layers = list(dec.layers[:n]) + [tuned_layer(dec.layers[n + j], st, eps) for j, st in enumerate(tuned)]
+            if hasattr(dec, "blocks"):  # the lean decoder's per-layer bundles
+                from verispec.rewrites.lean import block
+
+                dec.blocks = [block(layer) for layer in dec.layers]
         self.mask_ids = [first + i for i in range(heads.n_masks)]
         self.stop_ids = stop_ids
 
@@ -144,8 +156,9 @@ class ParallelSpecDrafter(ModelDrafter):
         vocab = {k: opts.pop(k) for k in ("draft_vocab", "vocab_corpus") if k in opts}
         if opts:
             raise ValueError(f"unknown parallelspec option(s): {', '.join(opts)}")
-        heads = load_masks(source, ctx)
-        return cls(ctx.drafter.model, heads, ctx.target.vocab_size, ctx.stop_ids, head=head_for(ctx, **vocab))
+        heads, tuned = load_masks(source, ctx)
+        return cls(ctx.drafter.model, heads, ctx.target.vocab_size, ctx.stop_ids, head=head_for(ctx, **vocab),
+                   tuned=tuned)
 
     @property
     def max_drafts(self) -> int:
@@ -166,12 +179,15 @@ class ParallelSpecDrafter(ModelDrafter):
         return Draft(x, torch.stack(qs) if qs else None, self.name)  # q: (K, V)
 
 
-def load_masks(source, ctx) -> MaskHeads:
-    """The masks from an in-memory MaskHeads, a drafter folder path or name, or (None) the folder `verispec train
-    parallelspec` writes for this target; refused for another target or another draft model."""
+def load_masks(source, ctx) -> tuple[MaskHeads, list[dict[str, torch.Tensor]]]:
+    """(masks, tuned layers' tensors) from an in-memory MaskHeads (or a (MaskHeads, tuned) pair), a drafter folder
+    path or name, or (None) the folder `verispec train parallelspec` writes for this target; refused for another
+    target or another draft model."""
     from verispec.drafters.folder import default_name, load_drafter
 
     if isinstance(source, MaskHeads):
+        return source, []
+    if isinstance(source, tuple):
         return source
     if ctx.drafter is None:
         raise ValueError("parallelspec needs its draft model (drafter=...)")
@@ -182,7 +198,47 @@ def load_masks(source, ctx) -> MaskHeads:
         raise ValueError(f"{path} was trained for draft model {want.get('name')!r} ({want.get('num_layers')} layers "
                          f"x {want.get('hidden_size')}); this draft model is {have.num_hidden_layers} x "
                          f"{have.hidden_size}")
-    return MaskHeads.from_tensors(cfg, tensors)
+    L = int(cfg.get("tuned_layers", 0))
+    tuned = [{k[len(f"layers.{j}."):]: v for k, v in tensors.items() if k.startswith(f"layers.{j}.")}
+             for j in range(L)]
+    if any(not t for t in tuned):
+        raise ValueError(f"{path} lists {L} tuned layers but lacks the tensors of some")
+    return MaskHeads.from_tensors(cfg, {k: v for k, v in tensors.items() if not k.startswith("layers.")}), tuned
+
+
+def tuned_layer(like: nn.Module, state: dict[str, torch.Tensor], eps: float) -> nn.Module:
+    """A decoder layer like `like` (the draft model's own, on its backend) with the tuned weights `state` (a torch
+    layer's state_dict): on the gguf backend its linears become Q8_0 blocks of those weights, else a copy of the
+    layer loads them. `like` itself is not changed."""
+    import copy
+
+    from verispec.backends.native import NativeLinear, NativeMLP, NativeRMSNorm, is_native
+
+    if not is_native(like):
+        layer = copy.deepcopy(like)
+        try:
+            layer.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"the tuned layer does not fit the draft model's layers ({e})") from e
+        return layer
+    from verispec.kernels.ggml_blocks import decode, quantize
+
+    def lin(name: str) -> NativeLinear:
+        w = state[f"{name}.weight"].float()  # (N, K)
+        return NativeLinear(decode("Q8_0", quantize(w, "Q8_0"), w.shape[1]), state.get(f"{name}.bias"))
+
+    layer = copy.copy(like)
+    layer._modules = dict(like._modules)
+    layer.__dict__.pop("_vs_fused", None)  # the fused projections of `like`: built again for these
+    attn = copy.copy(like.self_attn)
+    attn._modules = dict(like.self_attn._modules)
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        attn._modules[n] = lin(f"self_attn.{n}")
+    layer._modules["self_attn"] = attn
+    layer._modules["mlp"] = NativeMLP(lin("mlp.gate_proj"), lin("mlp.up_proj"), lin("mlp.down_proj"))
+    for n in ("input_layernorm", "post_attention_layernorm"):
+        layer._modules[n] = NativeRMSNorm(state[f"{n}.weight"], eps)
+    return layer
 
 
 # -- training ---------------------------------------------------------------------------------------------------
@@ -226,10 +282,10 @@ def layout(width: int, where: torch.Tensor, n_masks: int) -> tuple[torch.Tensor,
 
 def mask_logits(model: nn.Module, heads: MaskHeads, ids: torch.Tensor, where: torch.Tensor,
                 teacher: bool = False):
-    """The drafter's logits at every mask slot of the batch: (B, A, M, V). The drafter is frozen; gradients reach
-    the mask embeddings (through every layer) and the residual blocks. teacher=True also returns the drafter's own
-    logits at the real positions a + i (what it predicts there knowing the tokens in between; the same forward,
-    detached): (B, A, M, V)."""
+    """The drafter's logits at every mask slot of the batch: (B, A, M, V). Gradients reach the mask embeddings
+    (through every layer), the residual blocks and any drafter layer left trainable. teacher=True also returns the
+    drafter's logits at every real position, (B, W, V) (row a + i: what it predicts there knowing the tokens in
+    between, the distillation target of mask i of anchor a; the same forward)."""
     B, W = ids.shape
     A, M = where.shape[1], heads.n_masks
     allowed, pos = layout(W, where, M)
@@ -244,40 +300,56 @@ def mask_logits(model: nn.Module, heads: MaskHeads, ids: torch.Tensor, where: to
     logits = out(hm)  # (B, A, M, V)
     if not teacher:
         return logits
-    at = where[:, :, None] + torch.arange(1, M + 1)  # (B, A, M) real positions a + i
-    real = torch.gather(h[:, :W], 1, at.reshape(B, -1, 1).expand(-1, -1, h.shape[-1]))  # (B, A·M, H)
-    return logits, out(real.detach()).reshape(B, A, M, -1).detach()  # (B, A, M, V) each
+    return logits, out(h[:, :W])  # (B, A, M, V), (B, W, V)
 
 
-def mask_loss(heads: MaskHeads, model: nn.Module, ids, where, labels, distill: float = 0.0) -> torch.Tensor:
+def teacher_rows(real: torch.Tensor, where: torch.Tensor, n_masks: int) -> torch.Tensor:
+    """(B, A, M, V) rows a + i (i = 1..M) of the real-position logits (B, W, V), detached."""
+    B, A = where.shape
+    at = (where[:, :, None] + torch.arange(1, n_masks + 1)).reshape(B, -1)  # (B, A·M)
+    rows = torch.gather(real.detach(), 1, at[:, :, None].expand(-1, -1, real.shape[-1]))  # (B, A·M, V)
+    return rows.reshape(B, A, n_masks, -1)
+
+
+def mask_loss(heads: MaskHeads, model: nn.Module, ids, where, labels, distill: float = 0.0,
+              real_ce: float = 0.0) -> torch.Tensor:
     """Cross-entropy on the target's tokens ahead, mixed (weight `distill`) with KL from the drafter's own
-    distribution at the real position (the law the mask should reproduce without the tokens in between)."""
-    if distill <= 0:
+    distribution at the real position (the law the mask should reproduce without the tokens in between); plus
+    `real_ce` x the real rows' next-token cross-entropy (when drafter layers are trained, so its first draft
+    follows the target's text too)."""
+    if distill <= 0 and real_ce <= 0:
         logits = mask_logits(model, heads, ids, where)  # (B, A, M, V)
         return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-    logits, teach = mask_logits(model, heads, ids, where, teacher=True)  # (B, A, M, V) each
+    logits, real = mask_logits(model, heads, ids, where, teacher=True)  # (B, A, M, V), (B, W, V)
     logp = logits.float().reshape(-1, logits.shape[-1]).log_softmax(-1)
-    ce = nn.functional.nll_loss(logp, labels.reshape(-1))
-    kl = nn.functional.kl_div(logp, teach.float().reshape(-1, teach.shape[-1]).log_softmax(-1), log_target=True,
-                              reduction="batchmean")
-    return (1 - distill) * ce + distill * kl
+    loss = (1 - distill) * nn.functional.nll_loss(logp, labels.reshape(-1))
+    if distill > 0:
+        teach = teacher_rows(real, where, heads.n_masks).float().reshape(-1, real.shape[-1]).log_softmax(-1)
+        loss = loss + distill * nn.functional.kl_div(logp, teach, log_target=True, reduction="batchmean")
+    if real_ce > 0:
+        loss = loss + real_ce * nn.functional.cross_entropy(real[:, :-1].float().reshape(-1, real.shape[-1]),
+                                                            ids[:, 1:].reshape(-1))
+    return loss
 
 
 class _Trainable(nn.Module):
-    """The training loop's model: the heads (trained) beside the frozen drafter (not a submodule: not saved)."""
+    """The training loop's model: the heads and the drafter's tuned last layers (trained, saved in checkpoints)
+    beside the drafter (not a submodule: its frozen weights are not saved)."""
 
-    def __init__(self, heads: MaskHeads, drafter: nn.Module):
+    def __init__(self, heads: MaskHeads, drafter: nn.Module, layers: list[nn.Module]):
         super().__init__()
         self.heads = heads
+        self.layers = nn.ModuleList(layers)
         self.__dict__["drafter"] = drafter
 
 
 def fit(drafter: nn.Module, seqs: list[np.ndarray], *, n_masks: int = 4, width: int = 96, anchors: int = 16,
         batch: int = 2, steps: int = 400, lr: float = 1e-3, mask_lr: float = 10.0, distill: float = 0.5,
-        minutes: float | None = None, tokens: int | None = None, seed: int = 0, workdir=None,
-        progress: bool = True) -> tuple[MaskHeads, object]:
-    """Train MaskHeads on token sequences for a frozen `drafter` (a transformers causal LM, fp32: bf16 autocast
-    was slower here, 2.7 against 2.0 s a step on the 0.5B). Returns (heads, report)."""
+        train_layers: int = 0, layer_lr: float = 0.1, minutes: float | None = None, tokens: int | None = None,
+        seed: int = 0, workdir=None, progress: bool = True) -> tuple[MaskHeads, object]:
+    """Train MaskHeads on token sequences for `drafter` (a transformers causal LM, fp32: bf16 autocast was slower
+    here, 2.7 against 2.0 s a step on the 0.5B), and its last `train_layers` decoder layers in place (at
+    lr x layer_lr; every other weight frozen). Returns (heads, report)."""
     from verispec.training import train
 
     seqs = [np.asarray(s) for s in seqs if len(s) >= width]
@@ -287,6 +359,12 @@ def fit(drafter: nn.Module, seqs: list[np.ndarray], *, n_masks: int = 4, width: 
         raise ValueError(f"windows of {width} tokens cannot hold {anchors} anchors of {n_masks} masks")
     for p in drafter.parameters():
         p.requires_grad_(False)
+    check_int("train_layers", train_layers, 0)
+    body = list(drafter.get_decoder().layers)
+    layers = body[len(body) - train_layers:] if train_layers else []
+    for p in (p for layer in layers for p in layer.parameters()):
+        p.requires_grad_(True)
+        p.lr_scale = layer_lr
     emb = drafter.get_input_embeddings().weight
     torch.manual_seed(seed)
     heads = MaskHeads(emb.shape[1], n_masks, init=emb.detach().float().mean(0))
@@ -303,9 +381,9 @@ def fit(drafter: nn.Module, seqs: list[np.ndarray], *, n_masks: int = 4, width: 
         return ids.numel(), ids, where, labels
 
     def loss_fn(m: _Trainable, ids, where, labels):
-        return mask_loss(m.heads, m.drafter, ids, where, labels, distill)
+        return mask_loss(m.heads, m.drafter, ids, where, labels, distill, 1.0 if layers else 0.0)
 
-    model = _Trainable(heads, drafter)
+    model = _Trainable(heads, drafter, layers)
     report = train(model, batch_fn, loss_fn, steps=steps, lr=lr, workdir=workdir, minutes=minutes, tokens=tokens,
                    warmup=10, progress=progress, label=KIND, checkpoint_every=25)
     return heads.eval(), report
@@ -326,7 +404,8 @@ def held_out_accuracy(drafter: nn.Module, heads: MaskHeads, seqs: list[np.ndarra
 
 
 def train_heads(target, store, out: str | Path | None = None, *, drafter="qwen2.5-coder-0.5b", n_heads: int = 5,
-                steps: int = 400, batch: int = 2, lr: float = 3e-3, minutes: float | None = None,
+                steps: int = 400, batch: int = 2, lr: float = 1e-3, train_layers: int = 0,
+                minutes: float | None = None,
                 tokens: int | None = None, workdir=None, progress: bool = True, draft_vocab=None, seed: int = 0
                 ) -> dict:
     """`verispec train parallelspec`: masks for k = n_heads drafts per forward (n_heads − 1 masks) of `drafter`,
@@ -348,17 +427,23 @@ def train_heads(target, store, out: str | Path | None = None, *, drafter="qwen2.
         raise ValueError(f"the store's sequences ({width} tokens at most) are too short for {n_heads} drafts")
     shape = dict(n_masks=n_heads - 1, width=width, anchors=anchors)
     heads, report = fit(d.model, seqs[: max(1, len(seqs) - 8)], **shape, steps=steps, batch=batch, lr=lr,
-                        minutes=minutes, tokens=tokens, seed=seed, workdir=workdir, progress=progress)
+                        train_layers=train_layers, minutes=minutes, tokens=tokens, seed=seed, workdir=workdir,
+                        progress=progress)
     acc = held_out_accuracy(d.model, heads, seqs[-8:] if len(seqs) > 8 else seqs, width, anchors)
     cfg = d.model.config
-    summary = {"kind": KIND, "drafter": d.name, "drafts_per_forward": n_heads, "steps": report.steps,
+    summary = {"kind": KIND, "drafter": d.name, "drafts_per_forward": n_heads, "tuned_layers": train_layers,
+               "steps": report.steps,
                "tokens": report.tokens, "minutes": round(report.seconds / 60, 2), "stopped_by": report.stopped_by,
                "final_loss": round(float(np.mean(report.losses[-20:])), 4) if report.losses else None,
                "held_out_top1_by_offset": [round(a, 3) for a in acc], "store_tokens": info.tokens,
                "train_seconds": round(time.perf_counter() - t0, 1)}
     if out is not None:
-        config = {**heads.config(), "drafter": {"name": d.name, "hidden_size": cfg.hidden_size,
-                                                "num_layers": cfg.num_hidden_layers},
+        config = {**heads.config(), "tuned_layers": train_layers,
+                  "drafter": {"name": d.name, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers},
                   "training": {k: summary[k] for k in ("steps", "tokens", "minutes", "held_out_top1_by_offset")}}
-        summary["folder"] = str(save_drafter(out, KIND, config, heads.state_dict(), target.name, fp))
+        body = list(d.model.get_decoder().layers)
+        tensors = {**heads.state_dict(), **{f"layers.{j}.{k}": v for j, layer in
+                                            enumerate(body[len(body) - train_layers:] if train_layers else [])
+                                            for k, v in layer.state_dict().items()}}
+        summary["folder"] = str(save_drafter(out, KIND, config, tensors, target.name, fp))
     return summary

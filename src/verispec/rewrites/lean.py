@@ -44,17 +44,7 @@ class LeanDecoder:
         self.model = model
         body = model.get_decoder()
         self.embed, self.layers, self.norm, self.rotary = body.embed_tokens, list(body.layers), body.norm, body.rotary_emb
-        self.blocks = []
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv, gate_up = fused_group(attn, "q_proj"), fused_group(mlp, "gate_proj")
-            self.blocks.append((
-                layer.input_layernorm, layer.post_attention_layernorm, attn, mlp,
-                (lambda h, g=qkv: g.split(g.linear(h))) if qkv is not None
-                else (lambda h, a=attn: (a.q_proj(h), a.k_proj(h), a.v_proj(h))),
-                (lambda h, g=gate_up: g.split(g.linear(h))) if gate_up is not None
-                else (lambda h, m=mlp: (m.gate_proj(h), m.up_proj(h))),
-            ))
+        self.blocks = [block(layer) for layer in self.layers]
 
         # make_step(self) -> a C++ loop of these layers or None, set by the caller that knows the backends
         # (`verispec.cache.CachedLM`: `verispec.backends.step.int4_step`); built on first use (False: cannot run)
@@ -153,6 +143,17 @@ class LeanDecoder:
             gate, up = gate_up(ln2(x))  # (1, N, I) each
             x = x + mlp.down_proj(mlp.act_fn(gate) * up)  # (1, N, H)
         return self.norm(x[0, rows])  # (sum n_out, H)
+
+
+def block(layer: nn.Module) -> tuple:
+    """One layer's bundle for LeanDecoder's loop: its norms, attention, MLP and (fused where possible) projections."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, gate_up = fused_group(attn, "q_proj"), fused_group(mlp, "gate_proj")
+    return (layer.input_layernorm, layer.post_attention_layernorm, attn, mlp,
+            (lambda h, g=qkv: g.split(g.linear(h))) if qkv is not None
+            else (lambda h, a=attn: (a.q_proj(h), a.k_proj(h), a.v_proj(h))),
+            (lambda h, g=gate_up: g.split(g.linear(h))) if gate_up is not None
+            else (lambda h, m=mlp: (m.gate_proj(h), m.up_proj(h))))
 
 
 def lean_decoder(model: nn.Module) -> LeanDecoder | None:
