@@ -43,10 +43,11 @@ def test_layout_places_each_mask_after_its_anchor():
 def test_window_labels_are_the_tokens_ahead():
     seq = np.arange(100, 140)
     rng = np.random.default_rng(0)
-    ids, where, labels = window_batch([seq], [(0, 3)], 20, 3, 4, rng)
+    ids, where, labels, own = window_batch([seq], [(0, 3)], 20, 3, 4, rng, prompts=[10])
     assert ids[0].tolist() == list(range(103, 123))
     for j, a in enumerate(where[0].tolist()):
         assert labels[0, j].tolist() == [103 + a + 2, 103 + a + 3, 103 + a + 4]  # mask i: i + 1 places after a
+    assert own[0].tolist() == [3 + t + 1 >= 10 for t in range(19)]  # window token t + 1 past the 10-token prompt
 
 
 def test_one_forward_per_round_and_the_training_logits():

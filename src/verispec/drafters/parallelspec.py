@@ -244,20 +244,24 @@ def tuned_layer(like: nn.Module, state: dict[str, torch.Tensor], eps: float) -> 
 # -- training ---------------------------------------------------------------------------------------------------
 
 def window_batch(seqs: list[np.ndarray], picks: list[tuple[int, int]], width: int, n_masks: int,
-                 anchors: int, rng: np.random.Generator):
+                 anchors: int, rng: np.random.Generator, prompts: list[int] | None = None):
     """Inputs for one step: B windows of `width` tokens, each followed by `anchors` groups of n_masks mask slots.
 
-    Returns (ids (B, W), anchor positions (B, A), labels (B, A, M)): mask i of anchor a predicts window[a + i + 1]
-    (the token i + 1 places after the one at a, which row a itself predicts as next)."""
-    ids, where, labels = [], [], []
+    Returns (ids (B, W), anchor positions (B, A), labels (B, A, M), own (B, W - 1)): mask i of anchor a predicts
+    window[a + i + 1] (the token i + 1 places after the one at a, which row a itself predicts as next); own[b, t]
+    is True where window token t + 1 is the target's own (past its sequence's prompt of prompts[s] tokens; all
+    True without prompts)."""
+    ids, where, labels, own = [], [], [], []
     for s, at in picks:
+        P = 0 if prompts is None else prompts[s]
+        own.append(np.arange(at + 1, at + width) >= P)
         w = np.asarray(seqs[s][at: at + width], dtype=np.int64)
         a = np.sort(rng.choice(np.arange(4, width - n_masks - 1), size=anchors, replace=False))  # (A,)
         ids.append(w)
         where.append(a)
         labels.append(np.stack([w[a + i + 1] for i in range(1, n_masks + 1)], 1))  # (A, M)
     return (torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(where)),
-            torch.from_numpy(np.stack(labels)))
+            torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(own)))
 
 
 def layout(width: int, where: torch.Tensor, n_masks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,11 +316,11 @@ def teacher_rows(real: torch.Tensor, where: torch.Tensor, n_masks: int) -> torch
 
 
 def mask_loss(heads: MaskHeads, model: nn.Module, ids, where, labels, distill: float = 0.0,
-              real_ce: float = 0.0) -> torch.Tensor:
+              real_ce: float = 0.0, own: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy on the target's tokens ahead, mixed (weight `distill`) with KL from the drafter's own
     distribution at the real position (the law the mask should reproduce without the tokens in between); plus
-    `real_ce` x the real rows' next-token cross-entropy (when drafter layers are trained, so its first draft
-    follows the target's text too)."""
+    `real_ce` x the real rows' next-token cross-entropy where the next token is the target's own (`own`, (B, W - 1);
+    when drafter layers are trained, so its first draft follows the target's text too)."""
     if distill <= 0 and real_ce <= 0:
         logits = mask_logits(model, heads, ids, where)  # (B, A, M, V)
         return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -327,8 +331,9 @@ def mask_loss(heads: MaskHeads, model: nn.Module, ids, where, labels, distill: f
         teach = teacher_rows(real, where, heads.n_masks).float().reshape(-1, real.shape[-1]).log_softmax(-1)
         loss = loss + distill * nn.functional.kl_div(logp, teach, log_target=True, reduction="batchmean")
     if real_ce > 0:
-        loss = loss + real_ce * nn.functional.cross_entropy(real[:, :-1].float().reshape(-1, real.shape[-1]),
-                                                            ids[:, 1:].reshape(-1))
+        keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if own is None else own  # (B, W - 1)
+        if bool(keep.any()):
+            loss = loss + real_ce * nn.functional.cross_entropy(real[:, :-1][keep].float(), ids[:, 1:][keep])
     return loss
 
 
@@ -345,14 +350,18 @@ class _Trainable(nn.Module):
 
 def fit(drafter: nn.Module, seqs: list[np.ndarray], *, n_masks: int = 4, width: int = 96, anchors: int = 16,
         batch: int = 2, steps: int = 400, lr: float = 1e-3, mask_lr: float = 10.0, distill: float = 0.5,
-        train_layers: int = 0, layer_lr: float = 0.1, minutes: float | None = None, tokens: int | None = None,
-        seed: int = 0, workdir=None, progress: bool = True) -> tuple[MaskHeads, object]:
+        train_layers: int = 0, layer_lr: float = 0.1, prompts: list[int] | None = None,
+        minutes: float | None = None, tokens: int | None = None, seed: int = 0, workdir=None,
+        progress: bool = True) -> tuple[MaskHeads, object]:
     """Train MaskHeads on token sequences for `drafter` (a transformers causal LM, fp32: bf16 autocast was slower
     here, 2.7 against 2.0 s a step on the 0.5B), and its last `train_layers` decoder layers in place (at
-    lr x layer_lr; every other weight frozen). Returns (heads, report)."""
+    lr x layer_lr; every other weight frozen). prompts[s]: how many leading tokens of seqs[s] are prompt, not the
+    target's (the real rows learn the target's tokens only). Returns (heads, report)."""
     from verispec.training import train
 
-    seqs = [np.asarray(s) for s in seqs if len(s) >= width]
+    keep = [i for i, s in enumerate(seqs) if len(s) >= width]
+    prompts = None if prompts is None else [prompts[i] for i in keep]
+    seqs = [np.asarray(seqs[i]) for i in keep]
     if not seqs:
         raise ValueError(f"no training sequence is {width} tokens long")
     if width < n_masks + 6 + anchors:
@@ -377,11 +386,11 @@ def fit(drafter: nn.Module, seqs: list[np.ndarray], *, n_masks: int = 4, width: 
     def batch_fn(step: int):
         rng = np.random.default_rng([seed, step])  # a pure function of the step: resumable
         picks = [(int(s), int(rng.integers(0, len(seqs[s]) - width + 1))) for s in rng.integers(0, len(seqs), batch)]
-        ids, where, labels = window_batch(seqs, picks, width, n_masks, anchors, rng)
-        return ids.numel(), ids, where, labels
+        ids, where, labels, own = window_batch(seqs, picks, width, n_masks, anchors, rng, prompts)
+        return ids.numel(), ids, where, labels, own
 
-    def loss_fn(m: _Trainable, ids, where, labels):
-        return mask_loss(m.heads, m.drafter, ids, where, labels, distill, 1.0 if layers else 0.0)
+    def loss_fn(m: _Trainable, ids, where, labels, own):
+        return mask_loss(m.heads, m.drafter, ids, where, labels, distill, 1.0 if layers else 0.0, own)
 
     model = _Trainable(heads, drafter, layers)
     report = train(model, batch_fn, loss_fn, steps=steps, lr=lr, workdir=workdir, minutes=minutes, tokens=tokens,
@@ -396,7 +405,7 @@ def held_out_accuracy(drafter: nn.Module, heads: MaskHeads, seqs: list[np.ndarra
     seqs = [np.asarray(s) for s in seqs if len(s) >= width]
     rng = np.random.default_rng(seed)
     picks = [(int(s), int(rng.integers(0, len(seqs[s]) - width + 1))) for s in rng.integers(0, len(seqs), n)]
-    ids, where, labels = window_batch(seqs, picks, width, heads.n_masks, anchors, rng)
+    ids, where, labels, _ = window_batch(seqs, picks, width, heads.n_masks, anchors, rng)
     pred = mask_logits(drafter, heads, ids, where).argmax(-1)  # (B, A, M)
     nxt = drafter(input_ids=ids).logits.argmax(-1)  # (B, W)
     first = torch.gather(nxt, 1, where) == torch.gather(ids, 1, where + 1)  # (B, A)
@@ -419,6 +428,7 @@ def train_heads(target, store, out: str | Path | None = None, *, drafter="qwen2.
     check_int("heads", n_heads, 2)
     target, info, fp = open_store_for(target, store)
     seqs = [np.asarray(t) for t, _ in load_sequences(info)]
+    prompts = [int(sh.get("prompt", 0)) for sh in info.shards]
     d = load_model(drafter, backend="torch")  # trained through the dequantized weights; drafting runs any backend
     t0 = time.perf_counter()
     width = min(96, max(len(s) for s in seqs))  # shorter windows only for a store of short sequences
@@ -426,8 +436,9 @@ def train_heads(target, store, out: str | Path | None = None, *, drafter="qwen2.
     if anchors < 1:
         raise ValueError(f"the store's sequences ({width} tokens at most) are too short for {n_heads} drafts")
     shape = dict(n_masks=n_heads - 1, width=width, anchors=anchors)
-    heads, report = fit(d.model, seqs[: max(1, len(seqs) - 8)], **shape, steps=steps, batch=batch, lr=lr,
-                        train_layers=train_layers, minutes=minutes, tokens=tokens, seed=seed, workdir=workdir,
+    n_train = max(1, len(seqs) - 8)
+    heads, report = fit(d.model, seqs[:n_train], **shape, steps=steps, batch=batch, lr=lr,
+                        train_layers=train_layers, prompts=prompts[:n_train], minutes=minutes, tokens=tokens, seed=seed, workdir=workdir,
                         progress=progress)
     acc = held_out_accuracy(d.model, heads, seqs[-8:] if len(seqs) > 8 else seqs, width, anchors)
     cfg = d.model.config
