@@ -209,7 +209,7 @@ def test_tuned_layers_on_the_gguf_backend_become_q8_0_blocks():
     state = {k: v + 0.01 * torch.randn_like(v) for k, v in fp32.model.layers[1].state_dict().items()}
     native = to_native(_tiny("qwen2", seed=4))
     like = native.model.layers[1]
-    layer = tuned_layer(like, state, fp32.config.rms_norm_eps)
+    layer = tuned_layer(like, state, native)
     assert native.model.layers[1] is like and like.self_attn.q_proj is not layer.self_attn.q_proj
     assert isinstance(layer.mlp.down_proj, NativeLinear) and layer.mlp.down_proj.type == "Q8_0"
     w = layer.self_attn.q_proj.weight  # the Q8_0 blocks, dequantized

@@ -138,8 +138,8 @@ class ParallelSpecDrafter(ModelDrafter):
             n = len(dec.layers) - len(tuned)
             if n < 0:
                 raise ValueError(f"{len(tuned)} tuned layers for a draft model of {len(dec.layers)}")
-            eps = float(model.config.rms_norm_eps)
-            dec.layers = list(dec.layers[:n]) + [tuned_layer(dec.layers[n + j], st, eps) for j, st in enumerate(tuned)]
+            dec.layers = list(dec.layers[:n]) + [tuned_layer(dec.layers[n + j], st, model)
+                                                 for j, st in enumerate(tuned)]
             if hasattr(dec, "blocks"):  # the lean decoder's per-layer bundles
                 from verispec.rewrites.lean import block
 
@@ -206,21 +206,28 @@ def load_masks(source, ctx) -> tuple[MaskHeads, list[dict[str, torch.Tensor]]]:
     return MaskHeads.from_tensors(cfg, {k: v for k, v in tensors.items() if not k.startswith("layers.")}), tuned
 
 
-def tuned_layer(like: nn.Module, state: dict[str, torch.Tensor], eps: float) -> nn.Module:
-    """A decoder layer like `like` (the draft model's own, on its backend) with the tuned weights `state` (a torch
-    layer's state_dict): on the gguf backend its linears become Q8_0 blocks of those weights, else a copy of the
-    layer loads them. `like` itself is not changed."""
+def tuned_layer(like: nn.Module, state: dict[str, torch.Tensor], model: nn.Module) -> nn.Module:
+    """A decoder layer like `like` (one of `model`'s, on its backend) with the tuned weights `state` (a torch
+    layer's state_dict): on the gguf backend its linears become Q8_0 blocks of those weights; on another backend a
+    fresh fp32 layer loads them and is put on that backend (fast-int4: int4 blocks of the tuned weights). `like`
+    itself is not changed."""
     import copy
 
+    from verispec.backends import apply_backend, backend_of
     from verispec.backends.native import NativeLinear, NativeMLP, NativeRMSNorm, is_native
 
+    eps = float(model.config.rms_norm_eps)
     if not is_native(like):
-        layer = copy.deepcopy(like)
+        layer = type(like)(model.config, getattr(like.self_attn, "layer_idx", 0))
         try:
             layer.load_state_dict(state)
         except RuntimeError as e:
             raise ValueError(f"the tuned layer does not fit the draft model's layers ({e})") from e
-        return layer
+        backend = backend_of(model)
+        if backend != "torch":
+            layer.config = model.config  # read by the backend's fusion of q/k/v and gate/up
+            apply_backend(layer, backend, release_mapped=False)
+        return layer.eval()
     from verispec.kernels.ggml_blocks import decode, quantize
 
     def lin(name: str) -> NativeLinear:
