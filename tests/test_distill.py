@@ -52,3 +52,29 @@ def test_incomplete_existing_and_inconsistent_stores_are_refused(built, tmp_path
     (tmp_path / "y" / f"{meta['shards'][1]['file']}.features.npy").unlink()
     with pytest.raises(ValueError, match="lacks shard"):
         open_store(tmp_path / "y")
+
+
+def test_the_store_corpus_leaves_out_the_files_the_benchmark_reads(monkeypatch):
+    """The nl / summarize prose (module docstrings) and the code-edit functions come from standard-library files;
+    prompts for training data must never be cut from those files."""
+    from verispec import distill
+    from verispec.bench.datasets import _DOC_MODULES, _EDIT_FILES, bench_sources
+    from verispec.datastore import stdlib_dir
+
+    held = bench_sources()
+    root = stdlib_dir()
+    assert (root / "argparse.py").resolve() in held and (root / "json" / "__init__.py").resolve() in held
+    assert (root / _EDIT_FILES[0]).resolve() in held and len(held) >= len(_DOC_MODULES)
+    read = []
+    import verispec.datastore as ds
+
+    orig = ds._read_text
+    monkeypatch.setattr(ds, "_read_text", lambda p: read.append(p.resolve()) or orig(p))
+
+    class Tok:  # one id per character: windows of `length` ids are `length` characters
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 1000 for c in text]}
+
+    got = distill.corpus_prompts(Tok(), 40, 64, seed=3)
+    assert len(got) == 40
+    assert read and not set(read) & held

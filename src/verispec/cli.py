@@ -318,7 +318,7 @@ def cmd_train_heads(a) -> int:
         say(f"feature store: {a.prompts} standard-library prompts of {a.prompt_len} tokens, completions of "
             f"{a.completion_len} by {target.name} ({target.backend}: {target.kernel}) -> {store}")
         build_store(target, store, spec, prompts=a.prompts, prompt_len=a.prompt_len, completion_len=a.completion_len,
-                    minutes=30.0 if a.data_minutes is None else a.data_minutes, progress=say)
+                    minutes=20.0 if a.data_minutes is None else a.data_minutes, progress=say)
     data_min = (time.perf_counter() - t0) / 60
     budget = 55.0 if a.minutes is None else a.minutes  # the default recipe fits in an hour with its data
     left = max(1.0, budget - data_min)
@@ -561,13 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="heads: the drafter folder (default $VERISPEC_HOME/drafters/KIND-TARGET)")
     tr.add_argument("--workdir", help="heads: checkpoint, feature store, loss curve (default runs/train/KIND-TARGET)")
     tr.add_argument("--store", help="heads: an existing feature store (default WORKDIR/store, built if missing)")
-    tr.add_argument("--prompts", type=int, default=160, help="heads: standard-library prompts for the store")
-    tr.add_argument("--prompt-len", type=int, default=96)
-    tr.add_argument("--completion-len", type=int, default=48, help="heads: the target's completion per prompt")
+    # long prompts are cheap (one prefill gives every position's features and the target's distribution there)
+    # and completions are not (one target forward per token): 448 + 32 stores ~2x the tokens per minute of 96 + 48
+    tr.add_argument("--prompts", type=int, default=320, help="heads: standard-library prompts for the store")
+    tr.add_argument("--prompt-len", type=int, default=448)
+    tr.add_argument("--completion-len", type=int, default=32, help="heads: the target's completion per prompt")
     tr.add_argument("--data-minutes", type=float, default=None,
-                    help="heads: budget of the store's generation (default 30)")
+                    help="heads: budget of the store's generation (default 20)")
     tr.add_argument("--steps", type=int,
-                    help="training steps (medusa/blockwise default 1500, eagle 600, parallelspec 400)")
+                    help="training steps (medusa/blockwise default 4000, eagle 600, parallelspec 400)")
     tr.add_argument("--batch", type=int, help="rows per step (medusa/blockwise 64), tokens per step (eagle 256) or "
                                               "96-token windows per step (parallelspec 2)")
     tr.add_argument("--lr", type=float, help="learning rate (medusa/blockwise 1e-3, eagle 3e-4, parallelspec 3e-3)")

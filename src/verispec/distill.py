@@ -3,7 +3,8 @@
 A *feature store* is a folder of shards. Each shard holds one sequence: `tokens` (T,) int32 and `features`
 (T, F) float16 (two .npy files), row i the target's hidden states after tokens[:i + 1] (`verispec.features`),
 memory-mapped on read so epochs re-read features instead of re-running the target. Sequences are a prompt from a
-corpus the benchmark never uses (Python standard-library source, test files excluded) followed by the target's own completion
+corpus the benchmark never uses (Python standard-library source without test files and without the files the
+benchmark's prose and code-edit prompts come from) followed by the target's own completion
 of it, greedy or sampled (T = 0.7), so the heads learn what *this* target says after what it reads. `store.json`
 (the target's fingerprint, the feature names, per-shard sizes) is written last, after every shard: a store
 without it is incomplete and refused.
@@ -28,10 +29,14 @@ STORE_FILE = "store.json"
 
 
 def corpus_prompts(tokenizer, n: int, length: int, seed: int = 0, corpus: str = "stdlib") -> list[list[int]]:
-    """n prompts of `length` tokens: windows from random files of the corpus (test files skipped), reproducible."""
+    """n prompts of `length` tokens: windows from random files of the corpus, reproducible. Test files and the files
+    the benchmark's prompts are cut from (`bench_sources`: the nl prose, the code-edit functions) are skipped."""
+    from verispec.bench.datasets import bench_sources
     from verispec.datastore import _read_text, corpus_files
 
-    files = [f for f in corpus_files(corpus) if "test" not in f.parts and "tests" not in f.parts]
+    held = bench_sources()
+    files = [f for f in corpus_files(corpus) if "test" not in f.parts and "tests" not in f.parts
+             and f.resolve() not in held]
     rng = random.Random(seed)
     rng.shuffle(files)
     out: list[list[int]] = []

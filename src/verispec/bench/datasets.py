@@ -132,6 +132,16 @@ def jsonl(path: str | Path) -> list[Prompt]:
     return out
 
 
+def bench_sources() -> set[Path]:
+    """The standard-library files the nl, summarize and code-edit prompts are cut from (module docstrings, edited
+    functions): training data for drafters must leave them out, or a drafter would have read the benchmark."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = {stdlib / f for f in _EDIT_FILES}
+    for name in _DOC_MODULES:
+        out |= {stdlib / f"{name}.py", stdlib / name / "__init__.py"}
+    return {p.resolve() for p in out if p.is_file()}
+
+
 DATASETS = {"humaneval": humaneval, "nl": nl_continuation, "summarize": summarize, "code-edit": code_edit}
 
 

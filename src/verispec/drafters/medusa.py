@@ -397,7 +397,7 @@ def head_accuracy(heads: MedusaHeads, sequences, rows: np.ndarray, to_draft, ran
 
 def train_heads(target, store, out: str | Path | None = None, *, heads_cls=MedusaHeads, kind: str = KIND,
                 loss=medusa_loss, n_heads: int = 4, n_layers: int = 1, draft_vocab: int | None = 16384,
-                steps: int = 1500, batch: int = 64, lr: float = 1e-3, minutes: float | None = None,
+                steps: int = 4000, batch: int = 64, lr: float = 1e-3, minutes: float | None = None,
                 tokens: int | None = None, tree_nodes: int = 16, seed: int = 0, workdir: str | Path | None = None,
                 progress: bool = True, head_options: dict | None = None) -> dict:
     """Train heads on a feature store (`verispec.distill`) of this target and write a drafter folder to `out`
