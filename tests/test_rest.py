@@ -247,6 +247,9 @@ def test_stdlib_corpus_lists_python_files_only():
     files = corpus_files("stdlib")
     assert len(files) > 500 and all(f.suffix == ".py" for f in files) and files == sorted(files)
     assert not any("site-packages" in f.parts for f in files)
+    from verispec.bench.datasets import bench_sources  # the benchmark's own source files are left out
+
+    assert bench_sources() and not {f.resolve() for f in files} & bench_sources()
 
 
 def test_cli_build_and_info(tmp_path, capsys):

@@ -343,13 +343,18 @@ def stdlib_dir() -> Path:
 
 
 def corpus_files(corpus: str | Path, max_files: int | None = None) -> list[Path]:
-    """`stdlib` (the *.py files of Python's standard library, without site-packages), a directory (every file
-    under it, recursively), a file, or a glob pattern (`**` allowed). Sorted, so builds are reproducible."""
+    """`stdlib` (the *.py files of Python's standard library, without site-packages and without the files the
+    benchmark's nl, summarize and code-edit prompts are cut from: a datastore or training set must not hold the
+    benchmark's own text), a directory (every file under it, recursively), a file, or a glob pattern (`**`
+    allowed). Sorted, so builds are reproducible."""
     corpus = str(corpus)
     if corpus == "stdlib":
-        root = stdlib_dir()
+        from verispec.bench.datasets import bench_sources
+
+        root, held = stdlib_dir(), bench_sources()
         files = [p for p in root.rglob("*.py")
-                 if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)]
+                 if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
+                 and p.resolve() not in held]
     elif Path(corpus).is_dir():
         files = [p for p in Path(corpus).rglob("*") if p.is_file()]
     elif Path(corpus).is_file():

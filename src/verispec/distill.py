@@ -29,14 +29,11 @@ STORE_FILE = "store.json"
 
 
 def corpus_prompts(tokenizer, n: int, length: int, seed: int = 0, corpus: str = "stdlib") -> list[list[int]]:
-    """n prompts of `length` tokens: windows from random files of the corpus, reproducible. Test files and the files
-    the benchmark's prompts are cut from (`bench_sources`: the nl prose, the code-edit functions) are skipped."""
-    from verispec.bench.datasets import bench_sources
+    """n prompts of `length` tokens: windows from random files of the corpus, reproducible. Test files are skipped,
+    and `stdlib` itself leaves out the files the benchmark's prompts are cut from (`corpus_files`)."""
     from verispec.datastore import _read_text, corpus_files
 
-    held = bench_sources()
-    files = [f for f in corpus_files(corpus) if "test" not in f.parts and "tests" not in f.parts
-             and f.resolve() not in held]
+    files = [f for f in corpus_files(corpus) if "test" not in f.parts and "tests" not in f.parts]
     rng = random.Random(seed)
     rng.shuffle(files)
     out: list[list[int]] = []

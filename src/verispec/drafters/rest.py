@@ -80,7 +80,8 @@ def default_datastore(target) -> Path | None:
 
     if target.name not in REGISTRY:
         return None
-    path = cache_root() / "datastores" / f"{target.name}-stdlib.npz"
+    # "-heldout": the stdlib corpus without the benchmark's source files (an older `-stdlib.npz` held them)
+    path = cache_root() / "datastores" / f"{target.name}-stdlib-heldout.npz"
     if not path.exists():
         log(f"building the default REST datastore (Python stdlib source) for {target.name} at {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
