@@ -223,3 +223,26 @@ def test_vllm_export_has_the_eagle3_layout(tmp_path):
     save_drafter(tmp_path / "e1", "eagle", e1.config(), e1.tensors(), "tiny", fingerprint(target))
     with pytest.raises(ValueError, match="EAGLE-1.*eagle3"):
         eagle.export_vllm(tmp_path / "e1", tmp_path / "vllm1")
+
+
+def test_int4_drafting_keeps_the_eagle3_fc_in_fp32(tmp_path):
+    """EAGLE-3's fc reads the target's raw residual stream (a few huge channels): an int8 activation copy of it
+    flattened the prompt's features on the real target, so int4 drafting quantizes the layer and head, not fc."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from verispec.drafters.folder import save_drafter
+    from verispec.drafters.layer_skip import fingerprint
+    from verispec.kernels.int4 import Int4Linear
+
+    target = deep_target()
+    model = EagleModel.new(target, "eagle3")
+    save_drafter(tmp_path / "e3", "eagle", model.config(), model.tensors(), "tiny", fingerprint(target))
+    ctx = SimpleNamespace(options={"heads": str(tmp_path / "e3"), "weights": "int4"},
+                          target=LoadedModel(target, None, "tiny"), stop_ids=frozenset())
+    d = eagle.EagleDrafter.from_ctx(ctx)
+    assert type(d.model.fc) is nn.Linear
+    quantized = [m for m in d.model.modules() if isinstance(m, Int4Linear)]
+    if Int4Linear.from_linear(nn.Linear(32, 32)) is not None:  # where this machine's int4 kernel runs
+        assert quantized and all(not n.startswith("fc") for n, m in d.model.named_modules() if m in quantized)

@@ -211,12 +211,14 @@ def _int8_copy(lin: nn.Module) -> nn.Module | None:
     return holder[0]
 
 
-def quantize_linears(root: nn.Module) -> int:
-    """Replace every nn.Linear under `root` by its Int4Linear (in place) where the kernel takes it; returns how many
-    were replaced. For drafter-side weights only (trained heads): like every drafter backend this changes which
-    tokens are drafted, never what the verifier keeps."""
+def quantize_linears(root: nn.Module, keep: tuple[str, ...] = ()) -> int:
+    """Replace every nn.Linear under `root` by its Int4Linear (in place) where the kernel takes it, except the
+    children of `root` named in `keep`; returns how many were replaced. For drafter-side weights only (trained
+    heads): like every drafter backend this changes which tokens are drafted, never what the verifier keeps."""
     n = 0
     for name, child in list(root.named_children()):
+        if name in keep:
+            continue
         if type(child) is nn.Linear:
             q = Int4Linear.from_linear(child)
             if q is not None:
