@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from verispec.drafters import medusa
-from verispec.drafters.medusa import MedusaDrafter, MedusaHeads, draft_weights, load_heads
+from verispec.drafters.medusa import MedusaDrafter, MedusaHeads, prepared_heads
 
 KIND = "blockwise"
 
@@ -60,14 +60,12 @@ class BlockwiseDrafter(MedusaDrafter):
 
     @classmethod
     def from_ctx(cls, ctx) -> "BlockwiseDrafter":
-        source = ctx.options.get("heads")
-        heads, _ = load_heads(source, ctx.target, KIND, BlockwiseHeads)
         unknown = set(ctx.options) - {"heads", "weights"}
         if unknown:
             raise ValueError(f"unknown blockwise option(s): {', '.join(sorted(unknown))}")
-        weights = ctx.options.get("weights", "auto")
-        return cls(draft_weights(heads.bind(ctx.target.model), weights, source, ctx.target.model), None,
-                   ctx.stop_ids)
+        heads, _ = prepared_heads(ctx.options.get("heads"), ctx, KIND, BlockwiseHeads,
+                                  ctx.options.get("weights", "auto"))
+        return cls(heads, None, ctx.stop_ids)
 
 
 def train_heads(target, store, out=None, **kw) -> dict:

@@ -409,33 +409,44 @@ class EagleDrafter(Drafter):
 
     @classmethod
     def from_ctx(cls, ctx) -> "EagleDrafter":
+        from verispec.drafters.folder import default_name, prepared
+
         opts = dict(ctx.options)
         source = opts.pop("heads", None)
-        model, _ = load_heads(source, ctx.target, KIND, cls=EagleModel)
         weights = opts.pop("weights", "auto")
         kw = {k: opts.pop(k) for k in ("tree", "top_k", "nodes") if k in opts}
         if opts:
             raise ValueError(f"unknown eagle option(s): {', '.join(opts)}")
-        L = n_layers_of(ctx.target.model)
-        if model.eagle3 and L != model.cfg["target_layers"]:
-            raise ValueError(f"this EAGLE-3 layer fuses layers {model.cfg['aux_layers']} of a "
-                             f"{model.cfg['target_layers']}-layer target; this target has {L}")
-        model = model.bind(ctx.target.model)
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
-        if weights == "int4" or (weights == "auto" and not isinstance(source, nn.Module)):
-            # the layer, fc and output rows on the int4 kernel: a draft step reads ~1/6 of the fp32 bytes (the
-            # drafts may change; what the verifier keeps does not). A caller's object is copied first.
-            from verispec.kernels.int4 import quantize_linears
 
-            if isinstance(source, nn.Module):
-                model = EagleModel.from_tensors(model.cfg, model.tensors()).bind(ctx.target.model)
-            # EAGLE-3's fc stays fp32: it reads the target's raw residual stream, whose few huge channels an int8
-            # activation copy (the wide path, >= 16 rows: the prompt) flattens to garbage, and it runs once per
-            # committed position, not per draft step (measured: teacher-forced top-1 0.60 -> 0.05 on HumanEval)
-            quantize_linears(model, keep=("fc",) if model.eagle3 else ())
-            if model.out is not None:
-                model.out.quantize()
+        def build() -> EagleModel:
+            model, _ = load_heads(source, ctx.target, KIND, cls=EagleModel)
+            L = n_layers_of(ctx.target.model)
+            if model.eagle3 and L != model.cfg["target_layers"]:
+                raise ValueError(f"this EAGLE-3 layer fuses layers {model.cfg['aux_layers']} of a "
+                                 f"{model.cfg['target_layers']}-layer target; this target has {L}")
+            model = model.bind(ctx.target.model)
+            if weights == "int4" or (weights == "auto" and not isinstance(source, nn.Module)):
+                # the layer, fc and output rows on the int4 kernel: a draft step reads ~1/6 of the fp32 bytes (the
+                # drafts may change; what the verifier keeps does not). A caller's object is copied first.
+                from verispec.kernels.int4 import quantize_linears
+
+                if isinstance(source, nn.Module):
+                    model = EagleModel.from_tensors(model.cfg, model.tensors()).bind(ctx.target.model)
+                # EAGLE-3's fc stays fp32: it reads the target's raw residual stream, whose few huge channels an
+                # int8 activation copy (the wide path, >= 16 rows: the prompt) flattens to garbage, and it runs once
+                # per committed position, not per draft step (measured: teacher-forced top-1 0.60 -> 0.05 on
+                # HumanEval)
+                quantize_linears(model, keep=("fc",) if model.eagle3 else ())
+                if model.out is not None:
+                    model.out.quantize()
+            return model.eval()
+
+        if isinstance(source, nn.Module):
+            model = build()
+        else:  # a folder's drafter is read, checked and quantized once per target, not per request
+            model = prepared(ctx.target.model, source or default_name(KIND, ctx.target.name), (KIND, weights), build)
         return cls(model, stop_ids=ctx.stop_ids, **kw)
 
     def _reset(self) -> None:

@@ -247,11 +247,11 @@ class MedusaDrafter(Drafter):
     def from_ctx(cls, ctx) -> "MedusaDrafter":
         opts = dict(ctx.options)
         source = opts.pop("heads", None)
-        heads, cfg = load_heads(source, ctx.target, KIND)
         weights = opts.pop("weights", "auto")
         tree = opts.pop("tree", None)
         if opts:
             raise ValueError(f"unknown medusa option(s): {', '.join(opts)}")
+        heads, cfg = prepared_heads(source, ctx, KIND, MedusaHeads, weights)
         if tree == "chain":
             plan = None
         elif tree is None:
@@ -260,8 +260,7 @@ class MedusaDrafter(Drafter):
             plan = compile_tree(parse_choices(tree))
         if plan is not None and max(plan.depth) > heads.n_heads:
             raise ValueError(f"the tree is {max(plan.depth)} deep but there are only {heads.n_heads} heads")
-        return cls(draft_weights(heads.bind(ctx.target.model), weights, source, ctx.target.model), plan,
-                   ctx.stop_ids)
+        return cls(heads, plan, ctx.stop_ids)
 
     def take_features(self, features):
         self.h = features[-1].clone() if len(features) else None  # (H,) after tokens[:-1]: heads draft past tokens[-1]
@@ -314,6 +313,24 @@ def default_acc(k: int, r: int = 4) -> np.ndarray:
     """Rough per-head top-r accuracies (Medusa's paper: ~0.6 for head 1, falling by head and rank), used only when a
     drafter folder has no measured tree."""
     return np.array([[0.6 * 0.8 ** i * 0.45 ** j for j in range(r)] for i in range(k)])
+
+
+def prepared_heads(source, ctx, kind: str, cls, weights: str):
+    """(heads bound to the target and put on their drafting weights, config): a folder's heads are read, checked
+    and quantized once per target (`folder.prepared`), an object passed in is used as `draft_weights` says."""
+    from verispec.drafters.folder import default_name, prepared
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+
+    def build():
+        heads, cfg = load_heads(source, ctx.target, kind, cls)
+        return draft_weights(heads.bind(ctx.target.model), weights, source, ctx.target.model), cfg
+
+    if isinstance(source, nn.Module):
+        return build()
+    return prepared(ctx.target.model, source or default_name(kind, ctx.target.name), (kind, cls.__name__, weights),
+                    build)
 
 
 def load_heads(source, target, kind: str, cls=MedusaHeads):
