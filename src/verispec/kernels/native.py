@@ -207,8 +207,8 @@ static inline void full_pass(__m512i* A, const __m512i* qv, __m512i scv, const i
 // their fp32 steps are one code.
 static inline void superblock_fp32(__m512* acc, const __m512i* A, int64_t R, int64_t b, int64_t S, int64_t r0,
                                    int64_t NS, int64_t G, int64_t GPS, const int8_t* MN, const uint16_t* DD,
-                                   const uint16_t* DM, float mn_scale, const int32_t* xs, const float* dx,
-                                   int addB = -1, const int16_t* xs16 = nullptr) {
+                                   const uint16_t* DM, float mn_scale, const int16_t* xs, const float* dx,
+                                   int addB = -1) {
   // lane i of group g next to lane i of group g + 1, as int16 pairs (for vpmaddwd with (X_g, X_g+1))
   const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -222,14 +222,12 @@ static inline void superblock_fp32(__m512* acc, const __m512i* A, int64_t R, int
       mp[k] = _mm512_permutexvar_epi16(ilv, _mm512_cvtepi8_epi16(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(MN + (b * G + g0 + 2 * k) * 16))));
   for (int64_t r = 0; r < R; ++r) {
-    const int32_t* X = xs + (r0 + r) * G + g0;
+    const int16_t* X = xs + (r0 + r) * G + g0;
     __m512i Bv = _mm512_setzero_si512();
     if (GPS % 2 == 0) {
-      const int16_t* X16 = xs16 ? xs16 + (r0 + r) * G + g0 : nullptr;  // the same sums as int16 pairs in memory
       for (int64_t k = 0; k < GPS / 2; ++k) {
-        int32_t pair;
-        if (X16) std::memcpy(&pair, X16 + 2 * k, 4);
-        else pair = (int32_t)(((uint32_t)X[2 * k + 1] << 16) | ((uint32_t)X[2 * k] & 0xFFFFu));
+        int32_t pair;  // (X_2k, X_2k+1) as one int16 pair: one load
+        std::memcpy(&pair, X + 2 * k, 4);
         Bv = _mm512_add_epi32(Bv, _mm512_madd_epi16(mp[k], _mm512_set1_epi32(pair)));
       }
     } else {
@@ -250,7 +248,7 @@ static inline void superblock_fp32(__m512* acc, const __m512i* A, int64_t R, int
 #if defined(VS_AVX512)
 struct VnniArgs {
   const uint8_t* Q; const int8_t* SC; const int8_t* MN; const uint16_t* DD; const uint16_t* DM;
-  const int8_t* xq; const int32_t* xs; const float* dx; const int16_t* xs16;
+  const int8_t* xq; const int16_t* xs16; const float* dx;
   int64_t K, G, NS, qbytes; float mn_scale;
 };
 
@@ -323,7 +321,7 @@ static __attribute__((noinline)) void vnni_pass(const VnniArgs& va, int64_t b, i
         }
       }
     }
-    superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, va.DD, va.DM, va.mn_scale, va.xs, va.dx, -1, va.xs16);
+    superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, va.DD, va.DM, va.mn_scale, va.xs16, va.dx);
   }
   for (int64_t r = 0; r < R; ++r) _mm512_store_ps(out[r], acc[r]);
 }
@@ -376,7 +374,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
   std::vector<float> dx(M * NS);
   std::vector<int32_t> xs(M * G);
   quantize_acts(x.data_ptr<float>(), M, K, SB, GS, xq.data(), dx.data(), xs.data());
-  // |xs| <= GS * 127 fits int16: the mins term reads pairs of group sums with one load (vpmaddwd operands)
+  // |xs| <= GS * 127 fits int16: the AVX-512 mins term reads pairs of group sums with one load (vpmaddwd operands)
   std::vector<int16_t> xs16(xs.begin(), xs.end());
   const uint8_t* Q = q.data_ptr<uint8_t>();
   const int8_t* SC = sc.data_ptr<int8_t>();
@@ -471,7 +469,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
             for (int64_t r = 0; r < R; ++r)
               A[r] = _mm512_add_epi32(_mm512_load_si512(Ib[S & 1][0][r]),
                                       _mm512_slli_epi32(_mm512_load_si512(Ib[S & 1][1][r]), 3));
-            superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs.data(), dx.data());
+            superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs16.data(), dx.data());
           };
           for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
           amx_pipeline(NS, r0 == 0 || !keep, prep, tiles, post);
@@ -564,7 +562,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
               A[r] = _mm512_add_epi32(_mm512_add_epi32(_mm512_load_si512(Ib[S & 1][0][r]),
                                                        _mm512_slli_epi32(_mm512_load_si512(Ib[S & 1][1][r]), 3)),
                                       _mm512_slli_epi32(_mm512_load_si512(Ib[S & 1][2][r]), 6));
-            superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs.data(), dx.data(), 5);
+            superblock_fp32(acc, A, R, b, S, r0, NS, G, GPS, MN, DD, DM, mn_scale, xs16.data(), dx.data(), 5);
           };
           for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
           amx_pipeline(NS, r0 == 0 || !keep, prep, tiles, post);
@@ -583,7 +581,7 @@ torch::Tensor qmm(torch::Tensor x, torch::Tensor q, torch::Tensor sc, torch::Ten
         // the code's shape (bits, steps per group, groups per superblock) fixed at compile time for the block types
         // the registry models hold: their loops unroll and the codes stay in registers (measured: the one
         // runtime-shaped loop left a Q4_K pass at 2.0 G vpdpbusd/s per core on Zen 4, ~60 % of one per cycle)
-        const VnniArgs va{Q, SC, MN, DD, DM, xq.data(), xs.data(), dx.data(), xs16.data(), K, G, NS, qbytes, mn_scale};
+        const VnniArgs va{Q, SC, MN, DD, DM, xq.data(), xs16.data(), dx.data(), K, G, NS, qbytes, mn_scale};
         if (bits == 4 && steps == 8 && GPS == 8) vnni_pass<4, 8, 8>(va, b, r0, R, out);
         else if (bits == 6 && steps == 4 && GPS == 16) vnni_pass<6, 4, 16>(va, b, r0, R, out);
         else if (bits == 8 && steps == 8 && GPS == 1) vnni_pass<8, 8, 1>(va, b, r0, R, out);
