@@ -90,9 +90,9 @@ def test_a_failed_build_caches_nothing(tmp_path, monkeypatch):
         return "made"
 
     with pytest.raises(RuntimeError):
-        folder.prepared(target.model, tmp_path / "h", ("x",), build)
-    assert folder.prepared(target.model, tmp_path / "h", ("x",), build) == "made"
-    assert folder.prepared(target.model, tmp_path / "h", ("x",), build) == "made"
+        folder.prepared(target, "medusa", tmp_path / "h", ("x",), build)
+    assert folder.prepared(target, "medusa", tmp_path / "h", ("x",), build) == "made"
+    assert folder.prepared(target, "medusa", tmp_path / "h", ("x",), build) == "made"
     assert len(calls) == 2
 
 

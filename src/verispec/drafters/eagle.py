@@ -409,7 +409,7 @@ class EagleDrafter(Drafter):
 
     @classmethod
     def from_ctx(cls, ctx) -> "EagleDrafter":
-        from verispec.drafters.folder import default_name, prepared
+        from verispec.drafters.folder import prepared
 
         opts = dict(ctx.options)
         source = opts.pop("heads", None)
@@ -443,11 +443,8 @@ class EagleDrafter(Drafter):
                     model.out.quantize()
             return model.eval()
 
-        if isinstance(source, nn.Module):
-            model = build()
-        else:  # a folder's drafter is read, checked and quantized once per target, not per request
-            model = prepared(ctx.target.model, source or default_name(KIND, ctx.target.name), (KIND, weights), build)
-        return cls(model, stop_ids=ctx.stop_ids, **kw)
+        # a folder's drafter is read, checked and quantized once per target, not per request
+        return cls(prepared(ctx.target, KIND, source, (weights,), build), stop_ids=ctx.stop_ids, **kw)
 
     def _reset(self) -> None:
         cfg = self.model.cfg

@@ -130,9 +130,10 @@ _prepared: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.W
 _prepared_lock = threading.Lock()
 
 
-def prepared(target_model: torch.nn.Module, source: str | Path, variant: tuple, build: Callable[[], T]) -> T:
-    """The drafter model `build()` makes from the folder `source` for `target_model`, made once and reused by later
-    requests. Every `generate` call and every served request builds its drafter anew; reading, checking (sha256),
+def prepared(target, kind: str, source, variant: tuple, build: Callable[[], T]) -> T:
+    """The drafter model `build()` makes from the folder `source` (a path or name; None: the default folder of `kind`
+    for this target) for `target` (a LoadedModel), made once and reused by later requests; an object passed as
+    `source` (not a folder) is built every time. Every `generate` call and every served request builds its drafter anew; reading, checking (sha256),
     binding and quantizing a trained drafter took ~4.5 s per request for EAGLE on the 1.5B target. The entry is
     keyed by the folder as it is on disk (inode, size and mtime of its three files: `save_drafter` replaces a folder
     by renaming a new one into place, so a retrained drafter is read again, and a file altered in place is checked
@@ -140,13 +141,16 @@ def prepared(target_model: torch.nn.Module, source: str | Path, variant: tuple, 
     what `build` makes, e.g. the drafting weights). Entries live as long as the target model. `build` must return
     an object that drafting never changes (per-generation state lives in the drafter, not in this object); a build
     that raises caches nothing."""
-    path = resolve(source)
+    if isinstance(source, torch.nn.Module):
+        return build()
+    path = resolve(source if source is not None else default_name(kind, target.name))
+    target_model = target.model
     try:
         stats = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in (path.joinpath(n).stat()
                                                                      for n in (MANIFEST, CONFIG, WEIGHTS)))
     except OSError:
         return build()  # an incomplete folder: load_drafter's own error
-    key = (str(path.resolve()), stats, variant)
+    key = (str(path.resolve()), stats, kind, variant)
     with _prepared_lock:
         per = _prepared.setdefault(target_model, OrderedDict())
         if key in per:

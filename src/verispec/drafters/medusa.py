@@ -318,7 +318,7 @@ def default_acc(k: int, r: int = 4) -> np.ndarray:
 def prepared_heads(source, ctx, kind: str, cls, weights: str):
     """(heads bound to the target and put on their drafting weights, config): a folder's heads are read, checked
     and quantized once per target (`folder.prepared`), an object passed in is used as `draft_weights` says."""
-    from verispec.drafters.folder import default_name, prepared
+    from verispec.drafters.folder import prepared
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
@@ -327,10 +327,7 @@ def prepared_heads(source, ctx, kind: str, cls, weights: str):
         heads, cfg = load_heads(source, ctx.target, kind, cls)
         return draft_weights(heads.bind(ctx.target.model), weights, source, ctx.target.model), cfg
 
-    if isinstance(source, nn.Module):
-        return build()
-    return prepared(ctx.target.model, source or default_name(kind, ctx.target.name), (kind, cls.__name__, weights),
-                    build)
+    return prepared(ctx.target, kind, source, (cls.__name__, weights), build)
 
 
 def load_heads(source, target, kind: str, cls=MedusaHeads):
